@@ -1,0 +1,3 @@
+"""dwjax: Distil-Whisper in JAX/Flax."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,5 @@
+import sys
+
+from dwjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,127 @@
+"""The jitted generate loop: prefill the prompt, then one token per step with a KV cache, static shapes.
+
+`Generator` compiles one function per (batch, prompt length, max_new_tokens, temperature>0) bucket and reuses it;
+`Generator.compilations` counts traces (the tests check that repeated calls with a bucket compile once).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dwjax.decoding.rules import DecodeSpec, apply_rules, jax_log_softmax
+from dwjax.models.whisper import Whisper, init_cache
+
+
+@dataclasses.dataclass
+class GenerateOutput:
+    tokens: np.ndarray          # (b, max_new) generated ids, EOT-padded after the end
+    lengths: np.ndarray         # (b,) tokens before EOT (EOT excluded)
+    sum_logprob: np.ndarray     # (b,) log-probabilities of the chosen tokens, EOT included (OpenAI's convention)
+    no_speech_prob: np.ndarray  # (b,) P(<|nospeech|>) at the SOT position
+
+    @property
+    def avg_logprob(self) -> np.ndarray:
+        return self.sum_logprob / (self.lengths + 1)
+
+    def sequences(self) -> list[list[int]]:
+        return [row[:n].tolist() for row, n in zip(self.tokens, self.lengths)]
+
+
+def _select(logits, temperature, rng, step):
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    key = jax.random.fold_in(rng, step)
+    return jax.random.categorical(key, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+def decode_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_new_tokens: int,
+                temperature: float = 0.0, rng=None, sot_index: int = 0):
+    """Pure function (jit it): greedy (temperature 0) or sampling. prompt: (b, p) int32, the same layout per row."""
+    b, p = prompt.shape
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    cache = init_cache(model.cfg, b, p + max_new_tokens, enc_out.dtype)
+    logits, cache = model.apply({"params": params}, prompt, enc_out, cache, method="decode")
+    no_speech = jax.nn.softmax(logits[:, sot_index].astype(jnp.float32), axis=-1)[:, spec.no_speech]
+    none = jnp.full((b,), -1, jnp.int32)
+
+    def choose(logits, step, last, penult, last_ts, done):
+        masked = apply_rules(spec, logits, step, last, penult, last_ts)
+        tok = _select(masked, temperature, rng, step)
+        lp = jnp.take_along_axis(jax_log_softmax(masked), tok[:, None], axis=-1)[:, 0]
+        tok = jnp.where(done, spec.eot, tok)
+        lp = jnp.where(done, 0.0, lp)
+        return tok, lp
+
+    tok, lp = choose(logits[:, -1], 0, none, none, none, jnp.zeros((b,), bool))
+    tokens = jnp.full((b, max_new_tokens), spec.eot, jnp.int32).at[:, 0].set(tok)
+    state = dict(step=jnp.int32(1), tokens=tokens, cache=cache, last=tok, penult=none,
+                 last_ts=jnp.where(tok >= spec.timestamp_begin, tok, -1), done=tok == spec.eot, sum_lp=lp)
+
+    def cond(s):
+        return (s["step"] < max_new_tokens) & ~jnp.all(s["done"])
+
+    def body(s):
+        logits, cache = model.apply({"params": params}, s["last"][:, None], None, s["cache"], method="decode")
+        tok, lp = choose(logits[:, 0], s["step"], s["last"], s["penult"], s["last_ts"], s["done"])
+        return dict(step=s["step"] + 1, tokens=s["tokens"].at[:, s["step"]].set(tok), cache=cache, last=tok,
+                    penult=s["last"], last_ts=jnp.where(tok >= spec.timestamp_begin, tok, s["last_ts"]),
+                    done=s["done"] | (tok == spec.eot), sum_lp=s["sum_lp"] + lp)
+
+    state = jax.lax.while_loop(cond, body, state)
+    tokens = state["tokens"]
+    lengths = jnp.argmax(jnp.concatenate([tokens, jnp.full((b, 1), spec.eot, jnp.int32)], 1) == spec.eot, axis=1)
+    return dict(tokens=tokens, lengths=lengths, sum_logprob=state["sum_lp"], no_speech_prob=no_speech)
+
+
+class Generator:
+    """Holds a model, its parameters and decoding facts; compiles per bucket; returns numpy results."""
+
+    def __init__(self, model: Whisper, params, spec: DecodeSpec):
+        self.model, self.params, self.spec = model, params, spec
+        self.compilations = 0
+        self._encode = jax.jit(self._encode_impl)
+        self._generate = jax.jit(self._generate_impl, static_argnames=("spec", "max_new_tokens", "temperature",
+                                                                       "sot_index"))
+        self._detect = jax.jit(self._detect_impl, static_argnames=("sot",))
+
+    def _encode_impl(self, params, mel):
+        self.compilations += 1
+        return self.model.apply({"params": params}, mel, method="encode")
+
+    def _generate_impl(self, params, enc_out, prompt, rng, *, spec, max_new_tokens, temperature, sot_index):
+        self.compilations += 1
+        return decode_loop(self.model, spec, params, enc_out, prompt, max_new_tokens, temperature, rng, sot_index)
+
+    def _detect_impl(self, params, enc_out, lang_ids, *, sot):
+        b = enc_out.shape[0]
+        logits, _ = self.model.apply({"params": params}, jnp.full((b, 1), sot, jnp.int32), enc_out, None,
+                                     method="decode")
+        return jnp.take(logits[:, 0], lang_ids, axis=-1)
+
+    def encode(self, mel):
+        return self._encode(self.params, jnp.asarray(mel))
+
+    def detect_language(self, enc_out, lang_ids: list[int]) -> np.ndarray:
+        """Index into lang_ids of the most probable language per row (argmax after SOT)."""
+        scores = self._detect(self.params, enc_out, jnp.asarray(lang_ids, jnp.int32), sot=self.spec.sot)
+        return np.asarray(jnp.argmax(scores, axis=-1))
+
+    def generate(self, enc_out, prompt, max_new_tokens: int = 224, temperature: float = 0.0, seed: int = 0,
+                 timestamps: Optional[bool] = None, sot_index: Optional[int] = None) -> GenerateOutput:
+        prompt = np.asarray(prompt, np.int32)
+        if prompt.ndim == 1:
+            prompt = np.broadcast_to(prompt, (enc_out.shape[0], prompt.shape[0]))
+        spec = self.spec if timestamps is None else dataclasses.replace(self.spec, timestamps=bool(timestamps))
+        max_new_tokens = min(max_new_tokens, self.model.cfg.n_text_ctx - prompt.shape[1])
+        if sot_index is None:
+            sot_index = int(np.argmax(prompt[0] == spec.sot))
+        out = self._generate(self.params, enc_out, jnp.asarray(prompt), jax.random.PRNGKey(seed), spec=spec,
+                             max_new_tokens=max_new_tokens, temperature=float(temperature), sot_index=sot_index)
+        out = jax.device_get(out)
+        return GenerateOutput(tokens=out["tokens"], lengths=out["lengths"], sum_logprob=out["sum_logprob"],
+                              no_speech_prob=out["no_speech_prob"])

@@ -1,0 +1,289 @@
+"""Whisper encoder-decoder in Flax Linen.
+
+One parameter layout: the layers of the encoder and of the decoder are stacked on a leading `layers` axis and run
+with `nn.scan`; `scan_layers=False` unrolls that same scan fully (faster to compile on small models, the same
+numbers), so weights, checkpoints and exports never depend on the switch.
+
+Decoding uses an explicit KV cache, a pytree passed in and returned (no mutable Flax collections):
+    cache = {"k", "v": (layers, batch, max_len, heads, head_dim),
+             "cross_k", "cross_v": (layers, batch, n_audio_ctx, heads, head_dim) or None before the first call,
+             "index": (batch,) int32 — how many positions of each row are filled}
+Rows may stand at different positions (speculative decoding accepts per row); rolling back is lowering `index`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dwjax.models.configs import WhisperConfig
+
+Dtype = Any
+
+
+def _init(init_fn, names):
+    return nn.with_logical_partitioning(init_fn, names)
+
+
+def sinusoids(length: int, channels: int, max_timescale: float = 10000.0) -> np.ndarray:
+    """Whisper's fixed encoder position table (used to initialise it)."""
+    inc = np.log(max_timescale) / (channels // 2 - 1)
+    inv = np.exp(-inc * np.arange(channels // 2))
+    t = np.arange(length)[:, None] * inv[None, :]
+    return np.concatenate([np.sin(t), np.cos(t)], axis=1).astype(np.float32)
+
+
+class LayerNorm(nn.Module):
+    """LayerNorm computed in float32 (eps 1e-5 as in Whisper), output in the compute dtype."""
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        scale = self.param("scale", _init(nn.initializers.ones, ("embed",)), (d,), self.param_dtype)
+        bias = self.param("bias", _init(nn.initializers.zeros, ("embed",)), (d,), self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + 1e-5) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; `key` has no bias, as in Whisper."""
+    heads: int
+    head_dim: int
+    d_model: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        def proj(bias=True):
+            return nn.DenseGeneral((self.heads, self.head_dim), use_bias=bias, dtype=self.dtype,
+                                   param_dtype=self.param_dtype,
+                                   kernel_init=_init(nn.initializers.normal(0.02), ("embed", "heads", "head_dim")),
+                                   bias_init=_init(nn.initializers.zeros, ("heads", "head_dim")))
+        self.query, self.key, self.value = proj(), proj(bias=False), proj()
+        self.out = nn.DenseGeneral(self.d_model, axis=(-2, -1), dtype=self.dtype, param_dtype=self.param_dtype,
+                                   kernel_init=_init(nn.initializers.normal(0.02), ("heads", "head_dim", "embed")),
+                                   bias_init=_init(nn.initializers.zeros, ("embed",)))
+
+    def kv(self, source):
+        return self.key(source), self.value(source)
+
+    def __call__(self, x, k, v, mask):
+        """x: (b, t, d) queries; k, v: (b, s, h, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
+        q = self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
+        if mask is not None:
+            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        return self.out(jnp.einsum("bhts,bshd->bthd", probs, v.astype(self.dtype)))
+
+
+class MLP(nn.Module):
+    ffn_dim: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        d = x.shape[-1]
+        h = nn.Dense(self.ffn_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="fc1",
+                     kernel_init=_init(nn.initializers.normal(0.02), ("embed", "mlp")),
+                     bias_init=_init(nn.initializers.zeros, ("mlp",)))(x)
+        h = nn.gelu(h, approximate=False)
+        h = nn.with_logical_constraint(h, ("batch", None, "mlp"))
+        return nn.Dense(d, dtype=self.dtype, param_dtype=self.param_dtype, name="fc2",
+                        kernel_init=_init(nn.initializers.normal(0.02), ("mlp", "embed")),
+                        bias_init=_init(nn.initializers.zeros, ("embed",)))(h)
+
+
+class EncoderLayer(nn.Module):
+    cfg: WhisperConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, _):
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = Attention(c.encoder_heads, c.d_model // c.encoder_heads, c.d_model, name="self_attn", **kw)
+        h = LayerNorm(name="self_attn_norm", **kw)(x)
+        k, v = attn.kv(h)
+        x = x + attn(h, k, v, None)
+        x = x + MLP(c.ffn_dim, name="mlp", **kw)(LayerNorm(name="mlp_norm", **kw)(x))
+        x = nn.with_logical_constraint(x, ("batch", "enc_len", "embed"))
+        return x, None
+
+
+class DecoderLayer(nn.Module):
+    cfg: WhisperConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, layer_cache, enc_out, mask, positions):
+        """x: (b, t, d). layer_cache: None (teacher forcing, causal over x) or this layer's cache slice."""
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        hd = c.d_model // c.decoder_heads
+        self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", **kw)
+        cross_attn = Attention(c.decoder_heads, hd, c.d_model, name="cross_attn", **kw)
+
+        h = LayerNorm(name="self_attn_norm", **kw)(x)
+        k, v = self_attn.kv(h)
+        new_cache = None
+        if layer_cache is not None:
+            # write the new keys/values at each row's own position, then attend over the whole cache
+            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0)))
+            k = write(layer_cache["k"], k, positions[:, 0])
+            v = write(layer_cache["v"], v, positions[:, 0])
+            new_cache = {"k": k, "v": v}
+        x = x + self_attn(h, k, v, mask)
+
+        h = LayerNorm(name="cross_attn_norm", **kw)(x)
+        if layer_cache is not None and layer_cache.get("cross_k") is not None:
+            ck, cv = layer_cache["cross_k"], layer_cache["cross_v"]
+        else:
+            ck, cv = cross_attn.kv(enc_out)
+        if new_cache is not None:
+            new_cache.update(cross_k=ck, cross_v=cv)
+        x = x + cross_attn(h, ck, cv, None)
+
+        x = x + MLP(c.ffn_dim, name="mlp", **kw)(LayerNorm(name="mlp_norm", **kw)(x))
+        x = nn.with_logical_constraint(x, ("batch", "dec_len", "embed"))
+        return x, new_cache
+
+
+def _stack(layer_cls, n, scan_layers, remat, in_axes, name, **kw):
+    if remat != "none":
+        policy = {"full": None, "dots": jax.checkpoint_policies.checkpoint_dots}[remat]
+        layer_cls = nn.remat(layer_cls, policy=policy, prevent_cse=False)
+    scanned = nn.scan(layer_cls, variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=in_axes,
+                      length=n, unroll=1 if scan_layers else n, metadata_params={nn.PARTITION_NAME: "layers"})
+    return scanned(name=name, **kw)
+
+
+class Encoder(nn.Module):
+    cfg: WhisperConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, mel):
+        """mel: (b, n_mels, 2 * n_audio_ctx) log-mel features -> (b, n_audio_ctx, d)."""
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = jnp.swapaxes(mel, 1, 2).astype(self.dtype)
+        conv = lambda n, stride, names: nn.Conv(c.d_model, (3,), strides=(stride,), padding=[(1, 1)], name=n,
+                                                kernel_init=_init(nn.initializers.lecun_normal(), names),
+                                                bias_init=_init(nn.initializers.zeros, ("embed",)), **kw)
+        x = nn.gelu(conv("conv1", 1, ("conv_k", "conv_in", "embed"))(x), approximate=False)
+        x = nn.gelu(conv("conv2", 2, ("conv_k", "conv_in", "embed"))(x), approximate=False)
+        pos = self.param("embed_positions",
+                         _init(lambda *_: jnp.asarray(sinusoids(c.n_audio_ctx, c.d_model)), ("enc_len", "embed")),
+                         (c.n_audio_ctx, c.d_model), self.param_dtype)
+        x = x + pos[: x.shape[1]].astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "enc_len", "embed"))
+        x, _ = _stack(EncoderLayer, c.encoder_layers, self.scan_layers, self.remat, (nn.broadcast,), "layers",
+                      cfg=c, **kw)(x, None)
+        return LayerNorm(name="final_norm", **kw)(x)
+
+
+class Decoder(nn.Module):
+    cfg: WhisperConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    @nn.compact
+    def __call__(self, tokens, enc_out, cache=None, return_hidden=False):
+        """tokens (b, t). Without a cache: teacher forcing with a causal mask, positions 0..t-1.
+        With a cache: tokens go to positions cache["index"] + 0..t-1; returns (logits, new_cache)."""
+        c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        embed = nn.Embed(c.vocab_size, c.d_model, name="embed_tokens", param_dtype=self.param_dtype,
+                         embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed")))
+        pos_table = self.param("embed_positions", _init(nn.initializers.normal(0.01), ("dec_len", "embed")),
+                               (c.n_text_ctx, c.d_model), self.param_dtype)
+        b, t = tokens.shape
+        if cache is None:
+            positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
+            mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
+            layer_caches = None
+        else:
+            positions = cache["index"][:, None] + jnp.arange(t)[None]
+            max_len = cache["k"].shape[2]
+            mask = (jnp.arange(max_len)[None, None, :] <= positions[:, :, None])[:, None]
+            layer_caches = {k: cache[k] for k in ("k", "v", "cross_k", "cross_v")}
+        x = embed(tokens).astype(self.dtype) + jnp.take(pos_table, positions, axis=0).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ("batch", "dec_len", "embed"))
+        x, new_layer_caches = _stack(DecoderLayer, c.decoder_layers, self.scan_layers, self.remat,
+                                     (0, nn.broadcast, nn.broadcast, nn.broadcast), "layers", cfg=c, **kw)(
+            x, layer_caches, enc_out, mask, positions)
+        hidden = LayerNorm(name="final_norm", **kw)(x)
+        logits = embed.attend(hidden).astype(jnp.float32)
+        logits = nn.with_logical_constraint(logits, ("batch", "dec_len", "vocab"))
+        new_cache = None if cache is None else dict(new_layer_caches, index=cache["index"] + t)
+        if return_hidden:
+            return logits, new_cache, hidden
+        return logits, new_cache
+
+
+class Whisper(nn.Module):
+    """The whole model. `apply(params, mel, tokens)` gives teacher-forced logits; `method="encode"` /
+    `method="decode"` run the halves (decoding)."""
+    cfg: WhisperConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    scan_layers: bool = True
+    remat: str = "none"
+
+    def setup(self):
+        kw = dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
+                  remat=self.remat)
+        self.encoder = Encoder(**kw)
+        self.decoder = Decoder(**kw)
+
+    def __call__(self, mel, tokens):
+        return self.decoder(tokens, self.encoder(mel))[0]
+
+    def encode(self, mel):
+        return self.encoder(mel)
+
+    def decode(self, tokens, enc_out, cache=None, return_hidden=False):
+        return self.decoder(tokens, enc_out, cache, return_hidden)
+
+
+def init_cache(cfg: WhisperConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+    """An empty decoding cache; the cross-attention keys/values are filled by the first `decode` call."""
+    hd = cfg.d_model // cfg.decoder_heads
+    shape = (cfg.decoder_layers, batch, max_len, cfg.decoder_heads, hd)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "cross_k": None, "cross_v": None,
+            "index": jnp.zeros((batch,), jnp.int32)}
+
+
+def init_params(cfg: WhisperConfig, rng=None, **module_kw):
+    """Random parameters (unboxed) for `cfg`; use `abstract_params` for shapes and logical axes only."""
+    model = Whisper(cfg, **module_kw)
+    rng = jax.random.PRNGKey(0) if rng is None else rng
+    mel = jnp.zeros((1, cfg.n_mels, 2 * cfg.n_audio_ctx), jnp.float32)
+    variables = jax.jit(model.init)(rng, mel, jnp.zeros((1, 1), jnp.int32))
+    return nn.unbox(variables["params"])
+
+
+def abstract_params(cfg: WhisperConfig, **module_kw):
+    """ShapeDtypeStructs of the parameters, still boxed with their logical axis names (nn.Partitioned)."""
+    model = Whisper(cfg, **module_kw)
+    mel = jax.ShapeDtypeStruct((1, cfg.n_mels, 2 * cfg.n_audio_ctx), jnp.float32)
+    tok = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+    return jax.eval_shape(model.init, jax.random.PRNGKey(0), mel, tok)["params"]
+
+
+def count_params(params) -> int:
+    return int(sum(math.prod(x.shape) for x in jax.tree_util.tree_leaves(params)))
