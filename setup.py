@@ -26,6 +26,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "pyarrow>=15",
+        "regex>=2023",
         "matplotlib>=3.8",
     ],
     extras_require={

@@ -321,9 +321,9 @@ def _unknown_key_error(key: str, cls: type, prefix: str, source: str | None) -> 
     where = f" (in {source})" if source else ""
     close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.6)
     if close:
-        return ConfigError(f"unknown key {full}{where}; did you mean {prefix}{close[0]}?")
+        return ConfigError(f"unknown key {full}; did you mean {prefix}{close[0]}?{where}")
     section = prefix.rstrip(".") or "the top level"
-    return ConfigError(f"unknown key {full}{where}; valid keys under {section}: {', '.join(names)}")
+    return ConfigError(f"unknown key {full}; valid keys under {section}: {', '.join(names)}{where}")
 
 
 def _build(cls: type, value: Any, path: str) -> Any:
@@ -511,6 +511,17 @@ def load_config(topology: str | None = None, config: str | None = None, override
     for source, layer in layers:
         _check_keys(layer, Config, "", source)
         merged = _merge(merged, layer, origin, source)
+    return from_dict(merged, origin)
+
+
+def override(cfg: Config, *overrides: str) -> Config:
+    """`cfg` with `key.sub=value` overrides applied (same parsing and checks as on the command line)."""
+    origin: dict[str, str] = {}
+    merged = to_dict(cfg)
+    for text in overrides:
+        layer = parse_override(text)
+        _check_keys(layer, Config, "", f"override {text}")
+        merged = _merge(merged, layer, origin, f"override {text}")
     return from_dict(merged, origin)
 
 

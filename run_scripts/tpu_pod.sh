@@ -147,7 +147,7 @@ install() {  # copy this checkout to every worker and pip-install it with JAX fo
   rm -f "$tarball"
   on_all "set -e; rm -rf $remote_dir && mkdir -p $remote_dir && tar -C $remote_dir -xzf dwjax-src.tgz && \
 python3 -m pip install -q -U pip && python3 -m pip install -q -U '$jax_spec' && \
-python3 -m pip install -q -e './$remote_dir[teachers]'"
+python3 -m pip install -q -e './${remote_dir}[teachers]'"
 }
 
 run_stage() {  # the stage on every worker; returns its exit status

@@ -356,6 +356,10 @@ _WEIGHTS = [w for _, w in TEMPLATES]
 
 
 def _capitalise(sentence: str) -> str:
+    """Upper-case the first letter; a sentence never starts with digits, so spell a leading number."""
+    head, _, rest = sentence.partition(" ")
+    if head.isdigit():
+        sentence = f"{number_to_words(int(head))} {rest}"
     return sentence[:1].upper() + sentence[1:]
 
 

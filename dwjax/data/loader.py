@@ -1,0 +1,169 @@
+"""Training batches for distillation: pseudo-labelled audio -> (features, decoder inputs, labels, loss mask).
+
+Order. The stream is a pure function of (seed, step): global row g = step * global_batch + r picks a dataset by
+its weight (a generator seeded with (seed, g)), then the element at position g mod N_d of that dataset's
+permutation for epoch g // N_d. With one dataset this is an exact epoch-by-epoch shuffle. Nothing is carried
+between steps, so resuming at step s (on any number of processes) continues the same global stream.
+
+Sharing. Process p of P builds rows [p * B/P, (p+1) * B/P) of every global batch of B rows.
+
+Labels. A sequence is prompt + teacher tokens + EOT, where the prompt is SOT [lang task] [<|notimestamps|>].
+decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT (the
+forced prompt tokens and the padding are masked). Labels with timestamps keep them with probability
+`timestamp_probability` (otherwise they are stripped and <|notimestamps|> is forced).
+"""
+from __future__ import annotations
+
+import concurrent.futures as futures
+import dataclasses
+import math
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dwjax.audio import N_SAMPLES, load_audio, load_audio_bytes
+from dwjax.errors import UserError
+
+
+@dataclasses.dataclass
+class LabelledSet:
+    name: str
+    ids: list[str]
+    audio: list            # path (str) or bytes per row
+    tokens: list[list[int]]
+    language: list[Optional[str]]
+    weight: float = 1.0
+
+    def __len__(self):
+        return len(self.ids)
+
+
+def read_labelled(name: str, path: str, wer_threshold: float | None, weight: float = 1.0,
+                  max_label_length: int = 448) -> tuple[LabelledSet, dict]:
+    """Reads a pseudo-label directory (or parquet file) and applies the WER filter. Returns the set and counts
+    {total, ok, kept, dropped_wer, dropped_empty_reference, dropped_long} for the report."""
+    import glob
+    import os
+
+    import pyarrow.parquet as pq
+    files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else [path]
+    if not files:
+        raise UserError(f"{path}: no pseudo-label parquet files (run `dwjax pseudo-label` first)")
+    table = pq.read_table(files).to_pylist() if len(files) == 1 else \
+        [row for f in files for row in pq.read_table(f).to_pylist()]
+    table.sort(key=lambda r: str(r["id"]))
+    counts = dict(total=len(table), ok=0, kept=0, dropped_wer=0, dropped_empty_reference=0, dropped_long=0)
+    ids, audio, tokens, langs = [], [], [], []
+    for row in table:
+        if row.get("status", "ok") != "ok":
+            continue
+        counts["ok"] += 1
+        wer = row.get("wer")
+        has_ref = row.get("reference") not in (None, "")
+        if wer_threshold is not None and has_ref and wer is None:
+            counts["dropped_empty_reference"] += 1
+            continue
+        if wer_threshold is not None and wer is not None and wer > wer_threshold:
+            counts["dropped_wer"] += 1
+            continue
+        toks = list(row["token_ids"])
+        if len(toks) + 5 > max_label_length:
+            counts["dropped_long"] += 1
+            continue
+        ids.append(str(row["id"]))
+        audio.append(row.get("audio_bytes") or row["audio"])
+        tokens.append(toks)
+        langs.append(row.get("language"))
+    counts["kept"] = len(ids)
+    if not ids:
+        raise UserError(f"{path}: no training examples left after the WER filter ({counts})")
+    return LabelledSet(name, ids, audio, tokens, langs, weight), counts
+
+
+def row_source(sets: Sequence[LabelledSet], seed: int, g: int) -> tuple[int, int]:
+    """(dataset index, element index) of global row g: a pure function of (seed, g)."""
+    if len(sets) == 1:
+        d = 0
+    else:
+        w = np.array([s.weight for s in sets], np.float64)
+        d = int(np.random.default_rng([seed, g, 1]).choice(len(sets), p=w / w.sum()))
+    n = len(sets[d])
+    epoch, pos = divmod(g, n)
+    perm = np.random.default_rng([seed, d, epoch]).permutation(n)
+    return d, int(perm[pos])
+
+
+class LabelEncoder:
+    """Builds padded (decoder_input_ids, labels, loss_mask) from teacher token ids."""
+
+    def __init__(self, tokenizer, length: int, timestamp_probability: float, task: str = "transcribe"):
+        self.tok, self.length, self.p_ts, self.task = tokenizer, length, timestamp_probability, task
+
+    def __call__(self, tokens: list[int], language: Optional[str], rng: np.random.Generator):
+        tb = self.tok.timestamp_begin
+        has_ts = any(t >= tb for t in tokens)
+        use_ts = has_ts and rng.random() < self.p_ts
+        if not use_ts:
+            tokens = [t for t in tokens if t < tb]
+        lang = (language or "en") if self.tok.is_multilingual else None
+        prompt = self.tok.sot_sequence(lang, self.task if self.tok.is_multilingual else None, use_ts)
+        seq = prompt + tokens + [self.tok.eot]
+        seq = seq[: self.length + 1]
+        inp, lab = seq[:-1], seq[1:]
+        mask = [0] * (len(prompt) - 1) + [1] * (len(lab) - len(prompt) + 1)
+        pad = self.length - len(inp)
+        return (np.array(inp + [self.tok.eot] * pad, np.int32), np.array(lab + [self.tok.eot] * pad, np.int32),
+                np.array(mask + [0] * pad, np.float32))
+
+
+def label_length(sets: Sequence[LabelledSet], max_label_length: int, multiple: int = 16) -> int:
+    """One static label length for the whole run (one compile): the longest sequence, rounded up."""
+    longest = max(len(t) for s in sets for t in s.tokens) + 5      # prompt (<= 4) + EOT
+    return min(max_label_length, multiple * math.ceil(longest / multiple))
+
+
+class TrainBatches:
+    """`batch(step)` -> this process's rows of global batch `step` as numpy arrays (audio decoded, not yet mel)."""
+
+    def __init__(self, sets: Sequence[LabelledSet], encoder: LabelEncoder, global_batch: int, seed: int,
+                 process_index: int = 0, process_count: int = 1, workers: int = 4):
+        if global_batch % process_count:
+            raise UserError(f"global batch {global_batch} is not divisible by {process_count} processes")
+        self.sets, self.enc, self.B, self.seed = list(sets), encoder, global_batch, seed
+        self.local = global_batch // process_count
+        self.offset = process_index * self.local
+        self.pool = futures.ThreadPoolExecutor(max(1, workers))      # decodes the rows of a batch
+        self.ahead = futures.ThreadPoolExecutor(1)                     # builds the next batch meanwhile
+
+    def rows(self, step: int) -> list[tuple[int, int]]:
+        base = step * self.B + self.offset
+        return [row_source(self.sets, self.seed, base + r) for r in range(self.local)]
+
+    def _audio(self, d: int, i: int) -> np.ndarray:
+        src = self.sets[d].audio[i]
+        a = load_audio_bytes(src, name=self.sets[d].ids[i]) if isinstance(src, bytes) else load_audio(src)
+        out = np.zeros(N_SAMPLES, np.float32)
+        out[: min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
+        return out
+
+    def batch(self, step: int) -> dict:
+        rows = self.rows(step)
+        audio = list(self.pool.map(lambda di: self._audio(*di), rows))
+        enc = [self.enc(self.sets[d].tokens[i], self.sets[d].language[i],
+                        np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]))
+               for r, (d, i) in enumerate(rows)]
+        return {"audio": np.stack(audio),
+                "decoder_input_ids": np.stack([e[0] for e in enc]),
+                "labels": np.stack([e[1] for e in enc]),
+                "loss_mask": np.stack([e[2] for e in enc]),
+                "ids": [self.sets[d].ids[i] for d, i in rows]}
+
+    def prefetch(self, start_step: int):
+        """Iterator over (step, batch) from start_step, decoding the next batch while the current one trains."""
+        step = start_step
+        nxt = self.ahead.submit(self.batch, step)
+        while True:
+            cur = nxt.result()
+            nxt = self.ahead.submit(self.batch, step + 1)
+            yield step, cur
+            step += 1

@@ -1,0 +1,338 @@
+"""Write a model in the formats other tools load: transformers, CTranslate2 (faster-whisper) and OpenAI `.pt`.
+
+    export_model(model: LoadedModel, fmt, output, dtype="float32", overwrite=False, decoder_only=False) -> Path
+    resolve_model(name_or_path) -> LoadedModel      # what `dwjax export --model` accepts
+
+Files written into the output directory:
+  hf           model.safetensors (numpy, no torch needed; `proj_out.weight` left out: transformers ties it to
+               `model.decoder.embed_tokens.weight`, as its own `save_pretrained` does), config.json,
+               generation_config.json, tokenizer files (vocab.json, merges.txt, added_tokens.json,
+               special_tokens_map.json, tokenizer_config.json, tokenizer.json), preprocessor_config.json.
+               `decoder_only=True`: a `WhisperForCausalLM` (only the `model.decoder.*` weights), the layout
+               transformers takes as `assistant_model` for speculative decoding: it reuses the main model's
+               encoder outputs, so the assistant's encoder must be the main model's (true for dwjax students,
+               which keep their teacher's encoder).
+  ctranslate2  model.bin (WhisperSpec revision 3, float32 or float16), config.json (alignment_heads, lang_ids,
+               suppress_ids, suppress_ids_begin), vocabulary.txt, tokenizer.json (faster-whisper reads it; without
+               it faster-whisper would download one).
+  openai       model.pt ({"dims", "model_state_dict"}; needs torch) and vocabulary.txt beside it.
+
+Alignment heads (cross-attention heads that follow the audio, used for word timestamps): the model's own heads
+when they all exist in its decoder. A student with fewer decoder layers than its teacher carries the teacher's
+heads; when its metadata names the teacher layer each decoder layer came from
+(`metadata["decoder_layers_from_teacher"]`, e.g. [0, 3]) the teacher heads of those layers are kept, renumbered;
+otherwise every head of the last half of the decoder layers is used (OpenAI's default when a model has none).
+
+Everything is written into a temporary directory beside the target and renamed into place at the end, so a failed
+export leaves nothing behind and an existing output is replaced only with `overwrite`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+
+from dwjax.errors import UserError, WeightsError
+from dwjax.models.configs import WhisperConfig
+from dwjax.weights import ctranslate2, names
+from dwjax.weights.loading import LoadedModel, load_model
+
+FORMATS = ("hf", "ctranslate2", "openai")
+DTYPES = {"float32": np.float32, "float16": np.float16}
+CT2_REVISION = 3            # WhisperSpec's revision in CTranslate2 4.x (and in OpenAI's converted models)
+CT2_GELU = 3                # CTranslate2's Activation enum: RELU 0, GELU_TANH 1, SWISH 2, GELU 3
+HF_MAX_LENGTH = 448
+MAX_INITIAL_TIMESTAMP_INDEX = 50
+
+# Model resolvers tried in order before `load_model`; each returns a LoadedModel or None when the name is not
+# its kind (training checkpoints will register one here).
+RESOLVERS: list[Callable[[str], Optional[LoadedModel]]] = []
+
+
+def resolve_model(name_or_path: str) -> LoadedModel:
+    """Load what `dwjax export --model` names: a registered resolver's kind, else anything `load_model` accepts."""
+    for resolver in RESOLVERS:
+        model = resolver(str(name_or_path))
+        if model is not None:
+            return model
+    return load_model(name_or_path)
+
+
+# ------------------------------------------------------------------------------------------------ shared facts
+def _suppress_lists(model: LoadedModel) -> tuple[list[int], list[int]]:
+    """(suppress every step, suppress at the first step) as the model decodes them (OpenAI's rule if none given)."""
+    from dwjax.decoding.rules import DecodeSpec
+    spec = DecodeSpec.for_model(model.tokenizer, model.generation or {}, model.cfg.vocab_size)
+    return list(spec.suppress), list(spec.begin_suppress)
+
+
+def alignment_heads(model: LoadedModel) -> list[list[int]]:
+    """[layer, head] pairs valid for the model's decoder (see the module docstring for students)."""
+    n_layers, n_heads = model.cfg.decoder_layers, model.cfg.decoder_heads
+    heads = [[int(l), int(h)] for l, h in (model.generation or {}).get("alignment_heads") or []]
+    if heads and all(0 <= l < n_layers and 0 <= h < n_heads for l, h in heads):
+        return heads
+    origin = (model.metadata or {}).get("decoder_layers_from_teacher")
+    if heads and origin and len(origin) == n_layers:
+        where = {int(t): s for s, t in enumerate(origin)}
+        kept = [[where[l], h] for l, h in heads if l in where and h < n_heads]
+        if kept:
+            return kept
+    return [[l, h] for l in range(n_layers // 2, n_layers) for h in range(n_heads)]
+
+
+def _generation_for_ct2(model: LoadedModel) -> dict:
+    suppress, begin = _suppress_lists(model)
+    return {"alignment_heads": alignment_heads(model), "lang_ids": sorted(model.tokenizer.languages.values()),
+            "suppress_ids": suppress, "suppress_ids_begin": begin}
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def write_tokenizer_json(tokenizer, directory) -> Path:
+    """A `tokenizers` tokenizer.json (byte-level BPE, the special and timestamp tokens added) for faster-whisper
+    and transformers' fast tokenizer. Needs the `tokenizers` package."""
+    try:
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    except ImportError:
+        raise WeightsError("writing tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+    eot = tokenizer.eot
+    vocab = {tokenizer.id_to_token(i): i for i in range(eot)}
+    bpe = models.BPE(vocab=vocab, merges=[tuple(m) for m in tokenizer.merges()])
+    tk = Tokenizer(bpe)
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    added = [tokenizer.id_to_token(i) for i in range(eot, tokenizer.vocab_size)]
+    ts = tokenizer.timestamp_begin
+    tk.add_tokens([AddedToken(t, special=eot + k < ts, normalized=False) for k, t in enumerate(added)])
+    for k, t in enumerate(added):
+        if tk.token_to_id(t) != eot + k:
+            raise WeightsError(f"tokenizer.json: token {t!r} got id {tk.token_to_id(t)}, not {eot + k}")
+    path = Path(directory) / "tokenizer.json"
+    tk.save(str(path))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+def hf_config(model: LoadedModel, dtype: str = "float32", decoder_only: bool = False) -> dict:
+    cfg, tok = model.cfg, model.tokenizer
+    return {
+        "architectures": ["WhisperForCausalLM" if decoder_only else "WhisperForConditionalGeneration"],
+        "model_type": "whisper",
+        "vocab_size": cfg.vocab_size,
+        "num_mel_bins": cfg.n_mels,
+        "d_model": cfg.d_model,
+        "encoder_layers": cfg.encoder_layers,
+        "encoder_attention_heads": cfg.encoder_heads,
+        "encoder_ffn_dim": cfg.ffn_dim,
+        "decoder_layers": cfg.decoder_layers,
+        "decoder_attention_heads": cfg.decoder_heads,
+        "decoder_ffn_dim": cfg.ffn_dim,
+        "num_hidden_layers": cfg.encoder_layers,
+        "max_source_positions": cfg.n_audio_ctx,
+        "max_target_positions": cfg.n_text_ctx,
+        "activation_function": "gelu",
+        "dropout": 0.0, "attention_dropout": 0.0, "activation_dropout": 0.0,
+        "encoder_layerdrop": 0.0, "decoder_layerdrop": 0.0,
+        "init_std": 0.02,
+        "scale_embedding": False,
+        "use_cache": True,
+        "is_encoder_decoder": not decoder_only,
+        "tie_word_embeddings": True,
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
+        "pad_token_id": tok.eot,
+        "decoder_start_token_id": tok.sot,
+        "apply_spec_augment": False,
+        "median_filter_width": 7,
+        "dtype": dtype,
+    }
+
+
+def hf_generation_config(model: LoadedModel) -> dict:
+    tok = model.tokenizer
+    suppress, begin = _suppress_lists(model)
+    g = {
+        "bos_token_id": tok.eot,
+        "eos_token_id": tok.eot,
+        "pad_token_id": tok.eot,
+        "decoder_start_token_id": tok.sot,
+        "is_multilingual": tok.is_multilingual,
+        "no_timestamps_token_id": tok.no_timestamps,
+        "prev_sot_token_id": tok.sot_prev,
+        "suppress_tokens": suppress,
+        "begin_suppress_tokens": begin,
+        "max_initial_timestamp_index": MAX_INITIAL_TIMESTAMP_INDEX,
+        "max_length": min(HF_MAX_LENGTH, model.cfg.n_text_ctx),
+        "alignment_heads": alignment_heads(model),
+        "return_timestamps": False,
+    }
+    if tok.is_multilingual:
+        g["lang_to_id"] = {f"<|{code}|>": i for code, i in tok.languages.items()}
+        g["task_to_id"] = {"transcribe": tok.transcribe, "translate": tok.translate}
+    return g
+
+
+def hf_preprocessor_config(cfg: WhisperConfig) -> dict:
+    return {
+        "feature_extractor_type": "WhisperFeatureExtractor",
+        "processor_class": "WhisperProcessor",
+        "feature_size": cfg.n_mels,
+        "sampling_rate": 16000,
+        "hop_length": 160,
+        "n_fft": 400,
+        "chunk_length": 30,
+        "n_samples": 480000,
+        "nb_max_frames": 3000,
+        "padding_side": "right",
+        "padding_value": 0.0,
+        "return_attention_mask": False,
+    }
+
+
+def write_hf(model: LoadedModel, directory: Path, dtype: str = "float32", decoder_only: bool = False) -> None:
+    from safetensors.numpy import save_file
+    tensors = names.from_dwjax(model.params, model.cfg, "hf", DTYPES[dtype])
+    tensors.pop("proj_out.weight", None)   # tied to the token embedding (transformers re-ties it on load)
+    if decoder_only:
+        tensors = {k: v for k, v in tensors.items() if k.startswith("model.decoder.")}
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+    _write_json(directory / "config.json", hf_config(model, dtype, decoder_only))
+    _write_json(directory / "generation_config.json", hf_generation_config(model))
+    _write_json(directory / "preprocessor_config.json", hf_preprocessor_config(model.cfg))
+    model.tokenizer.to_hf_files(directory)
+    write_tokenizer_json(model.tokenizer, directory)
+
+
+# ------------------------------------------------------------------------------------------------ CTranslate2
+def ct2_variables(model: LoadedModel, dtype: str = "float32") -> dict[str, np.ndarray]:
+    """The variables of a WhisperSpec model.bin, scalars included, sorted by name as CTranslate2 writes them."""
+    cfg = model.cfg
+    out = names.from_dwjax(model.params, cfg, "ctranslate2", DTYPES[dtype])
+    scalars = {
+        "encoder/num_heads": np.int16(cfg.encoder_heads),
+        "decoder/num_heads": np.int16(cfg.decoder_heads),
+        "decoder/activation": np.int8(CT2_GELU),
+        "decoder/alibi": np.int8(0),
+        "decoder/alignment_heads": np.int16(1),
+        "decoder/alignment_layer": np.int16(-1),
+        "decoder/pre_norm": np.int8(1),
+        "decoder/scale_embeddings": np.int8(0),
+        "decoder/start_from_zero_embedding": np.int8(0),
+    }
+    out.update({k: np.asarray(v) for k, v in scalars.items()})
+    return dict(sorted(out.items()))
+
+
+CT2_ALIASES = {"decoder/projection/weight": "decoder/embeddings/weight"}   # the tied output projection
+
+
+def _write_ct2_bin(path: Path, variables: dict, aliases: dict) -> None:
+    """`ctranslate2.write_model_bin` when it writes aliases; until then the same layout written here (that writer
+    has no alias table and turns 0-d scalars into rank-1 arrays, which CTranslate2 rejects)."""
+    import inspect
+    if "aliases" in inspect.signature(ctranslate2.write_model_bin).parameters:
+        ctranslate2.write_model_bin(path, "WhisperSpec", variables, revision=CT2_REVISION, aliases=aliases)
+        return
+    import struct
+    with open(path, "wb") as f:
+        f.write(struct.pack("<I", ctranslate2.BINARY_VERSION))
+        ctranslate2._write_str(f, "WhisperSpec")
+        f.write(struct.pack("<II", CT2_REVISION, len(variables)))
+        for name, arr in variables.items():
+            arr = np.asarray(arr, order="C")
+            ctranslate2._write_str(f, name)
+            f.write(struct.pack(f"<B{arr.ndim}I", arr.ndim, *arr.shape))
+            f.write(struct.pack("<BI", ctranslate2._DTYPE_IDS[arr.dtype], arr.nbytes))
+            f.write(arr.tobytes())
+        f.write(struct.pack("<I", len(aliases)))
+        for alias, target in aliases.items():
+            ctranslate2._write_str(f, alias)
+            ctranslate2._write_str(f, target)
+
+
+def write_ct2(model: LoadedModel, directory: Path, dtype: str = "float32") -> None:
+    _write_ct2_bin(directory / "model.bin", ct2_variables(model, dtype), CT2_ALIASES)
+    _write_json(directory / "config.json", _generation_for_ct2(model))
+    model.tokenizer.save(directory)
+    write_tokenizer_json(model.tokenizer, directory)
+
+
+# ------------------------------------------------------------------------------------------------ OpenAI
+def openai_dims(cfg: WhisperConfig) -> dict:
+    return {"n_mels": cfg.n_mels, "n_vocab": cfg.vocab_size, "n_audio_ctx": cfg.n_audio_ctx,
+            "n_audio_state": cfg.d_model, "n_audio_head": cfg.encoder_heads, "n_audio_layer": cfg.encoder_layers,
+            "n_text_ctx": cfg.n_text_ctx, "n_text_state": cfg.d_model, "n_text_head": cfg.decoder_heads,
+            "n_text_layer": cfg.decoder_layers}
+
+
+def write_openai(model: LoadedModel, directory: Path, dtype: str = "float32") -> None:
+    try:
+        import torch
+    except ImportError:
+        raise WeightsError("the openai format (.pt) needs PyTorch: pip install torch") from None
+    if model.cfg.ffn_dim != 4 * model.cfg.d_model:
+        raise WeightsError(f"the openai format assumes ffn_dim = 4 x d_model; this model has {model.cfg.ffn_dim}")
+    tensors = names.from_dwjax(model.params, model.cfg, "openai", DTYPES[dtype])
+    state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
+    torch.save({"dims": openai_dims(model.cfg), "model_state_dict": state}, directory / "model.pt")
+    model.tokenizer.save(directory)
+
+
+# ------------------------------------------------------------------------------------------------ the export
+def _check_output(output: Path, overwrite: bool) -> None:
+    if output.exists() and not output.is_dir():
+        raise UserError(f"--output {output} is a file; give a directory")
+    if output.is_dir() and any(output.iterdir()) and not overwrite:
+        raise UserError(f"--output {output} is not empty; pass --overwrite to replace it")
+
+
+def export_model(model: LoadedModel, fmt: str, output, dtype: str = "float32", overwrite: bool = False,
+                 decoder_only: bool = False) -> Path:
+    """Write `model` as `fmt` into the directory `output` (all or nothing); returns the directory."""
+    if fmt not in FORMATS:
+        raise UserError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose float32 or float16")
+    if decoder_only and fmt != "hf":
+        raise UserError("--decoder-only is only for --format hf (a transformers assistant model)")
+    output = Path(os.path.expanduser(str(output))).absolute()
+    _check_output(output, overwrite)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        if fmt == "hf":
+            write_hf(model, tmp, dtype, decoder_only)
+        elif fmt == "ctranslate2":
+            write_ct2(model, tmp, dtype)
+        else:
+            write_openai(model, tmp, dtype)
+        _check_output(output, overwrite)   # again: something may have appeared meanwhile
+        old = None
+        if output.exists():
+            old = output.parent / f".{output.name}.old-{os.getpid()}"
+            os.replace(output, old)
+        os.replace(tmp, output)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    mask = _umask()
+    os.chmod(output, 0o777 & ~mask)   # mkdtemp made it 0700
+    for f in output.iterdir():
+        os.chmod(f, 0o666 & ~mask)
+    return output
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
