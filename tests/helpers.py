@@ -272,3 +272,55 @@ def real_clips(n: int) -> list[tuple[str, np.ndarray]]:
     picked = rows[::step][:n]
     base = REAL_MANIFEST.parent.parent  # paths are relative to shared/data
     return [(r["transcript"], load_audio(base / r["path"])) for r in picked]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# random models that end some sequences early
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def calibrate_eot(hf_model, params, cfg: WhisperConfig, mel, spec: DecodeSpec, prompt, max_new_tokens: int,
+                  quantiles=(0.75, 0.97)):
+    """Rewrite the EOT embedding row (in `params` and in `hf_model`, the output projection is tied) so that greedy
+    decoding of `mel` (no timestamps) ends some rows early and lets others run to `max_new_tokens`.
+
+    The greedy trajectories cannot change before EOT is emitted (EOT is never fed before), so the step at which a
+    row ends is known in advance: EOT wins where e . h > the chosen token's logit. `e` is a least-squares fit of
+    (chosen logit - theta) on the hidden states, theta picked in the widest gap of the residuals so that every
+    decision has a margin. Returns (params, margin): the new tree and the smallest |EOT logit - chosen logit|."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    from dwjax.decoding.generate import Generator
+    from dwjax.models.whisper import Whisper
+
+    model = Whisper(cfg)
+    gen = Generator(model, params, dataclasses_replace(spec, timestamps=False))
+    enc = gen.encode(mel)
+    out = gen.generate(enc, prompt, max_new_tokens=max_new_tokens)
+    toks = np.concatenate([np.broadcast_to(np.asarray(prompt), (len(mel), len(prompt))), out.tokens], axis=1)
+    logits, _, hidden = model.apply({"params": params}, jnp.asarray(toks), enc, None, True, method="decode")
+    p = len(prompt)
+    logits = np.asarray(logits)[:, p:p + max_new_tokens - 1]       # predict generated tokens 1 .. max_new-1
+    hidden = np.asarray(hidden)[:, p:p + max_new_tokens - 1].astype(np.float64)
+    chosen = np.take_along_axis(logits, out.tokens[:, 1:, None], axis=-1)[..., 0].astype(np.float64)
+    H, M = hidden.reshape(-1, hidden.shape[-1]), chosen.reshape(-1)
+    e0 = np.linalg.lstsq(H, M, rcond=None)[0]
+    resid = np.sort(H @ e0 - M)
+    lo, hi = (int(q * len(resid)) for q in quantiles)
+    gaps = resid[lo + 1:hi + 1] - resid[lo:hi]
+    j = lo + int(np.argmax(gaps))
+    theta = 0.5 * (resid[j] + resid[j + 1])
+    e = np.linalg.lstsq(H, M - theta, rcond=None)[0].astype(np.float32)
+    margin = float(np.min(np.abs(hidden.reshape(-1, hidden.shape[-1]) @ e.astype(np.float64) - M)))
+    params = jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
+    params["decoder"]["embed_tokens"]["embedding"][spec.eot] = e
+    with torch.no_grad():
+        hf_model.model.decoder.embed_tokens.weight[spec.eot] = torch.from_numpy(e)
+    assert hf_model.proj_out.weight.data_ptr() == hf_model.model.decoder.embed_tokens.weight.data_ptr()
+    return params, margin
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+    return dataclasses.replace(obj, **kw)

@@ -45,7 +45,8 @@ def assert_bitwise(a, b):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             x, y = jax.random.key_data(x), jax.random.key_data(y)
         assert x.dtype == y.dtype and x.shape == y.shape
-        np.testing.assert_array_equal(np.atleast_1d(np.asarray(x)).view(np.uint8), np.atleast_1d(np.asarray(y)).view(np.uint8))
+        x, y = np.atleast_1d(np.asarray(x)), np.atleast_1d(np.asarray(y))
+        np.testing.assert_array_equal(x.view(np.uint8), y.view(np.uint8))
 
 
 def abstract(tree, sharding_fn=None):

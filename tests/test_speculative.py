@@ -1,4 +1,6 @@
 """Speculative decoding gives the main model's own greedy output exactly (per row, any k, batch 1 and 4)."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -23,8 +25,8 @@ def tiny_spec(timestamps=False):
                       begin_suppress=(220, EOT), timestamps=timestamps, max_initial_timestamp_index=20)
 
 
-@pytest.fixture(scope="module")
-def models():
+@functools.lru_cache(maxsize=1)
+def build_models():
     params = init_params(CFG, jax.random.PRNGKey(3))
     # peakier logits than the 0.02 init, and an EOT logit that swings, so that rows end at different lengths
     emb = np.array(params["decoder"]["embed_tokens"]["embedding"])
@@ -34,15 +36,24 @@ def models():
     params["decoder"]["embed_tokens"]["embedding"] = jnp.asarray(emb)
     params["decoder"]["embed_positions"] = jnp.asarray(rng.standard_normal((CFG.n_text_ctx, CFG.d_model)) * 0.3,
                                                        jnp.float32)
+    # random layers that matter (the 0.02 init leaves the residual stream ~ the input embedding: a model that
+    # repeats its input token)
+    params["decoder"]["layers"] = jax.tree_util.tree_map_with_path(
+        lambda path, x: x * 6.0 if "kernel" in jax.tree_util.keystr(path) else x, params["decoder"]["layers"])
     s_cfg, s_params = make_student(CFG, params, decoder_layer_ids=[0, CFG.decoder_layers - 1])
     return params, s_cfg, s_params
+
+
+@pytest.fixture(scope="module")
+def models():
+    return build_models()
 
 
 def generators(models, timestamps):
     params, s_cfg, s_params = models
     spec = tiny_spec(timestamps)
-    teacher = Generator(Whisper(CFG, scan_layers=False), params, spec)
-    student = Generator(Whisper(s_cfg, scan_layers=False), s_params, spec)
+    teacher = Generator(Whisper(CFG, scan_layers=True), params, spec)
+    student = Generator(Whisper(s_cfg, scan_layers=True), s_params, spec)
     return teacher, student
 
 
@@ -50,16 +61,17 @@ def enc_out(b, seed=0):
     return jax.random.normal(jax.random.PRNGKey(seed), (b, CFG.n_audio_ctx, CFG.d_model), jnp.float32)
 
 
-@pytest.mark.parametrize("timestamps", [False, True])
-@pytest.mark.parametrize("b", [1, 4])
-def test_equals_teacher_greedy(models, b, timestamps):
+@pytest.mark.parametrize("b, timestamps, ks", [
+    (4, False, (3,)), (4, True, (3,)),
+    pytest.param(1, False, (1, 3, 5), marks=pytest.mark.slow), pytest.param(4, False, (1, 5), marks=pytest.mark.slow)])
+def test_equals_teacher_greedy(models, b, timestamps, ks):
     teacher, student = generators(models, timestamps)
     assert SpeculativeGenerator(teacher, student).share_encoder
     prompt = [SOT] if timestamps else [SOT, NO_TS]
-    enc = enc_out(b, seed=b)
+    enc = enc_out(b, seed=1)
     ref = teacher.generate(enc, prompt, max_new_tokens=40)
-    assert len(set(ref.lengths.tolist())) > 1 or b == 1
-    for k in (1, 3, 5):
+    assert len(set(ref.lengths.tolist())) > 1 or b == 1 or timestamps
+    for k in ks:
         spec_gen = SpeculativeGenerator(teacher, student, k=k)
         out, stats = spec_gen.generate(enc, enc, prompt, max_new_tokens=40)
         for i in range(b):
@@ -85,7 +97,7 @@ def test_adaptive_k_and_different_encoder(models):
     teacher, _ = generators(models, False)
     other = init_params(s_cfg, jax.random.PRNGKey(11))
     other["decoder"] = s_params["decoder"]
-    student = Generator(Whisper(s_cfg, scan_layers=False), other, tiny_spec())
+    student = Generator(Whisper(s_cfg, scan_layers=True), other, tiny_spec())
     sg = SpeculativeGenerator(teacher, student, k=6, adaptive=True)
     assert not sg.share_encoder
     mel = jax.random.normal(jax.random.PRNGKey(2), (3, CFG.n_mels, 2 * CFG.n_audio_ctx))
@@ -98,7 +110,7 @@ def test_adaptive_k_and_different_encoder(models):
 def test_loop_is_pure_and_jittable(models):
     params, s_cfg, s_params = models
     spec = tiny_spec()
-    f = jax.jit(lambda e, p: speculative_loop(Whisper(CFG, scan_layers=False), Whisper(s_cfg, scan_layers=False),
+    f = jax.jit(lambda e, p: speculative_loop(Whisper(CFG, scan_layers=True), Whisper(s_cfg, scan_layers=True),
                                               spec, params, s_params, e, e, p, 12, 3))
     out = f(enc_out(2), jnp.asarray([[SOT, NO_TS]] * 2, jnp.int32))
     assert out["tokens"].shape == (2, 12)

@@ -21,7 +21,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dwjax checkpoint-info",
                                      description="List the checkpoints of a run: step, time written, complete or "
                                                  "not, size on disk, topology and metrics.")
-    parser.add_argument("directory", metavar="DIR", help="run directory (holding checkpoints/) or checkpoints directory")
+    parser.add_argument("directory", metavar="DIR",
+                        help="run directory (holding checkpoints/) or checkpoints directory")
     parser.add_argument("--verify", action="store_true",
                         help="check sizes and CRC-32 of every file against the manifest (reads every byte)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per checkpoint")

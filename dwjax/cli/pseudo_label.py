@@ -1,0 +1,70 @@
+"""dwjax pseudo-label: label datasets with a teacher on every device of every process; resumable.
+
+    dwjax pseudo-label --teacher builtin:whisper-base --data demo/train.jsonl demo/validation.jsonl --output labels/
+    dwjax pseudo-label --teacher builtin:whisper-tiny.en --data libri=manifest.tsv --output labels/ --batch-size 16 \\
+        --config exp.yaml model.dtype=bfloat16
+
+Multi-process (one process per host, or N local CPU processes): set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
+and JAX_PROCESS_ID (or run under SLURM / on a TPU pod) and start the same command everywhere; every process must
+see the manifests and the output directory (a shared file system). Rerunning the command resumes: rows already in
+DIR's part files are skipped, also when the number of processes changed.
+
+Writes DIR/labels-PPPPP-of-NNNNN-partKKKKK.parquet (read them with
+`datasets.load_dataset("parquet", data_files="DIR/labels-*.parquet")`), DIR/labelling.json and DIR/summary.json.
+"""
+from __future__ import annotations
+
+import argparse
+
+from dwjax.config import add_config_args
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dwjax pseudo-label", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--teacher", default=None, metavar="MODEL",
+                   help="builtin:whisper-tiny.en, builtin:whisper-base or a model path (default: model.teacher)")
+    p.add_argument("--data", nargs="+", required=True, metavar="DATA",
+                   help="manifests or datasets (JSONL/CSV/TSV/parquet/arrow/save_to_disk dir), each PATH or NAME=PATH")
+    p.add_argument("--output", required=True, metavar="DIR", help="directory of the label part files")
+    p.add_argument("--batch-size", type=int, default=None, metavar="PER_DEVICE",
+                   help="examples per device per step (default: train.eval_batch_size)")
+    p.add_argument("--timestamps", action="store_true", help="predict timestamps (segments go in `timestamps`)")
+    p.add_argument("--language", default=None, metavar="L",
+                   help="force a language (multilingual teachers); default: the manifest's, else detected per row")
+    p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
+    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam width (1 = greedy, sharded)")
+    p.add_argument("--max-new-tokens", type=int, default=224)
+    p.add_argument("--commit-every", type=int, default=8, metavar="N",
+                   help="write a part file every N global batches (what an interruption can lose)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="audio decoding threads per process (default: data.num_workers)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    add_config_args(p)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    from dwjax.mesh import initialize_distributed
+    initialize_distributed()                      # first: before anything touches JAX devices
+    from dwjax.config import config_from_args
+    from dwjax.pseudo_label import LabelOptions, label_datasets
+    cfg = config_from_args(args)
+    opts = LabelOptions(
+        teacher=args.teacher or cfg.model.teacher,
+        output=args.output,
+        batch_size=args.batch_size if args.batch_size is not None else cfg.train.eval_batch_size,
+        timestamps=args.timestamps,
+        language=args.language,
+        task=args.task,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        dtype=cfg.model.dtype,
+        scan_layers=cfg.model.scan_layers,
+        commit_every=args.commit_every,
+        num_workers=args.workers if args.workers is not None else cfg.data.num_workers,
+        progress=not args.no_progress,
+    )
+    label_datasets(args.data, opts, cfg)
+    return 0

@@ -1,0 +1,254 @@
+"""The distillation run: `run(cfg)` is what `dwjax distill` does.
+
+    teacher (frozen) + student (from `dwjax init-student`) + pseudo-labelled sets
+      -> sharded train steps (dwjax/train_step.py) over a (data, fsdp, tensor) mesh
+      -> metrics (stdout, JSONL, TensorBoard), evaluation (WER of generated text, KL at T=1), checkpoints
+      -> <output_dir>/student: the final student as a dwjax model directory (loadable everywhere).
+
+Start (see dwjax/checkpoint.py): this run's newest complete checkpoint -> checkpoint.init_from -> model.student.
+The data stream is a function of (data.seed, step), so a resumed run sees exactly the batches it would have seen.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from dwjax import checkpoint as ckpt_lib
+from dwjax import mesh as mesh_lib
+from dwjax.audio import log_mel_spectrogram
+from dwjax.config import Config, to_dict, to_yaml, validate_for_devices
+from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
+from dwjax.errors import UserError
+from dwjax.metrics import MetricsWriter
+from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
+
+CPU_PEAK_FLOPS = 140e9     # this project's reference CPU (2 cores, fp32); set DWJAX_PEAK_FLOPS for others
+
+
+def peak_flops() -> float:
+    if "DWJAX_PEAK_FLOPS" in os.environ:
+        return float(os.environ["DWJAX_PEAK_FLOPS"])
+    kind = jax.devices()[0].device_kind.lower()
+    table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5e": 197e12, "v5p": 459e12,
+             "v6e": 918e12}
+    for key, value in table.items():
+        if key in kind:
+            return value * jax.device_count()
+    return CPU_PEAK_FLOPS
+
+
+def decoder_flops_per_token(cfg, with_backward: bool) -> float:
+    """Matmul FLOPs per label token of one decoder forward (x3 with backward): self/cross attention projections,
+    MLP, vocabulary projection (the cross keys/values over the encoder are counted per sequence elsewhere)."""
+    d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.decoder_layers, cfg.vocab_size
+    per_layer = 2 * (4 * d * d + 2 * d * d + 2 * d * f)
+    fwd = L * per_layer + 2 * d * V
+    return fwd * (3 if with_backward else 1)
+
+
+def encoder_flops(cfg) -> float:
+    d, f, L, T = cfg.d_model, cfg.ffn_dim, cfg.encoder_layers, cfg.n_audio_ctx
+    conv = 2 * 3 * (cfg.n_mels * d * 2 * T + d * d * T)
+    return conv + L * (2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d)
+
+
+class Features:
+    """Log-mel features of a local batch, computed on a local device (jitted once)."""
+
+    def __init__(self, n_mels: int):
+        self.fn = jax.jit(lambda a: log_mel_spectrogram(a, n_mels=n_mels))
+
+    def __call__(self, audio: np.ndarray) -> np.ndarray:
+        return np.asarray(self.fn(jnp.asarray(audio)))
+
+
+def _log(msg: str) -> None:
+    if mesh_lib.is_main_process():
+        tqdm.write(msg)
+
+
+def _evaluate_wer(student: LoadedModel, teacher: LoadedModel, eval_sets, max_samples, batch_size,
+                  with_teacher: bool) -> dict:
+    """Greedy transcripts of each evaluation set -> WER of the student (and the teacher, once)."""
+    from dwjax.audio import load_audio
+    from dwjax.data.manifest import read_dataset
+    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.text.wer import wer
+    out = {}
+    models = {"student": student} | ({"teacher": teacher} if with_teacher else {})
+    for es in eval_sets:
+        rows = [e for e in read_dataset(f"{es.name}={es.path}") if e.text][: max_samples or None]
+        audio = [load_audio(e.audio_path) for e in rows]
+        refs = [e.text for e in rows]
+        for who, model in models.items():
+            tr = Transcriber(model, batch_size=batch_size)
+            t0 = time.time()
+            hyps = [r.text for r in tr.transcribe(audio)]
+            out[f"{es.name}/{who}_wer"] = 100 * wer(refs, hyps)
+            out[f"{es.name}/{who}_seconds"] = time.time() - t0
+    return out
+
+
+def run(cfg: Config) -> dict:
+    mesh_lib.initialize_distributed()
+    n_dev, n_proc = jax.device_count(), jax.process_count()
+    shape = validate_for_devices(cfg, n_dev, n_proc)
+    mesh = mesh_lib.make_mesh(cfg.mesh)
+    out_dir = cfg.run.output_dir
+    if not cfg.data.train:
+        raise UserError("no training data: set data.train (a list of {name, path, weight}) to pseudo-label outputs")
+    if not cfg.model.student:
+        raise UserError("model.student is not set: run `dwjax init-student --teacher T --decoder-layers 2 "
+                        "--output DIR` and pass model.student=DIR")
+
+    teacher = load_model(cfg.model.teacher)
+    student = load_model(cfg.model.student)
+    tok = teacher.tokenizer
+    if student.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise UserError(f"student vocabulary ({student.cfg.vocab_size}) differs from the teacher's "
+                        f"({teacher.cfg.vocab_size}): make the student from this teacher")
+
+    # data, after the WER filter (counts reported per set)
+    sets, counts = [], {}
+    for ds in cfg.data.train:
+        s, c = read_labelled(ds.name, ds.path, cfg.data.wer_threshold, ds.weight, cfg.data.max_label_length)
+        sets.append(s)
+        counts[ds.name] = c
+    for name, c in counts.items():
+        _log(f"data {name}: {c['kept']}/{c['total']} kept (WER > {cfg.data.wer_threshold}%: {c['dropped_wer']}, "
+             f"empty reference: {c['dropped_empty_reference']}, too long: {c['dropped_long']}, "
+             f"failed labelling: {c['total'] - c['ok']})")
+    length = label_length(sets, cfg.data.max_label_length)
+    accum = cfg.train.grad_accum_steps
+    global_batch = cfg.train.per_device_batch_size * n_dev * accum
+    batches = TrainBatches(sets, LabelEncoder(tok, length, cfg.data.timestamp_probability), global_batch,
+                           cfg.data.seed, jax.process_index(), n_proc, cfg.data.num_workers)
+    mesh_lib.banner(cfg, global_batch)
+    _log(f"labels padded to {length} tokens; global batch {global_batch} "
+         f"({cfg.train.per_device_batch_size}/device x {n_dev} devices x {accum} accumulation); mesh {shape}")
+
+    from dwjax.train_step import make_sharded_train_step
+    steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)
+    teacher_params = steps.shard_teacher(teacher.params)
+
+    # where to start (documented order in dwjax/checkpoint.py)
+    os.makedirs(out_dir, exist_ok=True) if mesh_lib.is_main_process() else None
+    start = ckpt_lib.resolve_start(out_dir, cfg)
+    checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out_dir), cfg)
+    abstract = jax.eval_shape(lambda: steps.init_state(student.params, jax.random.PRNGKey(cfg.run.seed)))
+    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
+                                      steps.state_shardings)
+    if start.kind == "resume":
+        state, position, meta = checkpointer.restore_latest_valid(abstract)
+        start_step = int(position.get("step", int(state.step)))
+        _log(f"resuming from {checkpointer.directory} at step {start_step}")
+    elif start.kind == "init_from":
+        src = ckpt_lib.Checkpointer(start.path, cfg, read_only=True)
+        restored, _, _ = src.restore(start.step, abstract)
+        state = steps.init_state(jax.device_get(restored.params), jax.random.PRNGKey(cfg.run.seed))
+        start_step = 0
+        _log(f"initialised from checkpoint {start.path} step {start.step}")
+    else:
+        state = steps.init_state(student.params, jax.random.PRNGKey(cfg.run.seed))
+        start_step = 0
+        _log(f"starting from {cfg.model.student}")
+    if mesh_lib.is_main_process():
+        with open(os.path.join(out_dir, "config.yaml"), "w") as f:
+            f.write(to_yaml(cfg))
+
+    logs = MetricsWriter(cfg.logging.output_dir or os.path.join(out_dir, "logs"), cfg.logging.jsonl,
+                         cfg.logging.tensorboard, cfg.logging.wandb, cfg.run.name, to_dict(cfg))
+    logs.write(start_step, {f"data/{n}/{k}": v for n, c in counts.items() for k, v in c.items()})
+    features = Features(teacher.cfg.n_mels)
+    restore_signals = ckpt_lib.install_preemption_handler()
+    total = cfg.optim.total_steps
+    flops_step = global_batch * (length * (decoder_flops_per_token(student.cfg, True)
+                                           + decoder_flops_per_token(teacher.cfg, False))
+                                 + encoder_flops(teacher.cfg))
+    peak = peak_flops()
+
+    def current_student() -> LoadedModel:
+        params = jax.device_get(state.params)
+        return dataclasses.replace(student, params=params)
+
+    def evaluate(step: int, with_teacher: bool) -> dict:
+        if not cfg.data.eval:
+            return {}
+        results = _evaluate_wer(current_student(), teacher, cfg.data.eval, cfg.train.max_eval_samples,
+                                cfg.train.eval_batch_size, with_teacher)
+        logs.write(step, results, prefix="eval/")
+        _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
+        return results
+
+    summary = {"start_step": start_step, "data": counts}
+    last_eval = {}
+    bar = tqdm(total=total, initial=start_step, desc="distill", unit="step", disable=not mesh_lib.is_main_process(),
+               dynamic_ncols=True)
+    step = start_step
+    t_last, toks, samples, n_steps = time.time(), 0.0, 0, 0
+    try:
+        if step < total:
+            for step, local in batches.prefetch(start_step):
+                batch = {"input_features": features(local["audio"]), "decoder_input_ids": local["decoder_input_ids"],
+                         "labels": local["labels"], "loss_mask": local["loss_mask"]}
+                state, metrics = steps.train_step(state, teacher_params, steps.put_batch(batch))
+                step += 1
+                n_steps += 1
+                bar.update(1)
+                if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
+                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    dt = (time.time() - t_last) / n_steps
+                    m.update(step_time_s=dt, samples_per_s=global_batch / dt, tokens_per_s=m["n_tokens"] / dt,
+                             mfu=flops_step / dt / peak)
+                    logs.write(step, m, prefix="train/")
+                    bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}",
+                                    step_s=f"{dt:.2f}", tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
+                    summary.setdefault("first_loss", m["loss"])
+                    summary["last_loss"] = m["loss"]
+                    t_last, n_steps = time.time(), 0
+                stop = ckpt_lib.should_stop(step)
+                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
+                    last_eval = evaluate(step, with_teacher=not last_eval)
+                checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed},
+                                  metrics={"wer": _mean_wer(last_eval)} if last_eval else None,
+                                  force=stop or step == total)
+                if stop:
+                    _log(f"stop requested (SIGTERM): checkpoint at step {step} written; exiting")
+                    summary["preempted_at"] = step
+                    break
+                if step >= total:
+                    break
+    finally:
+        checkpointer.wait_until_finished()
+        restore_signals()
+        bar.close()
+
+    if step >= total:
+        final = evaluate(step, with_teacher=True)
+        summary["eval"] = final
+        if mesh_lib.is_main_process():
+            final_dir = os.path.join(out_dir, "student")
+            meta = dict(student.metadata, distilled_steps=step, teacher=cfg.model.teacher)
+            save_dwjax(final_dir, student.cfg, jax.device_get(state.params), student.tokenizer,
+                       student.generation, meta)
+            _log(f"student written to {final_dir}")
+    summary["end_step"] = step
+    if mesh_lib.is_main_process():
+        with open(os.path.join(out_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    checkpointer.close()
+    logs.close()
+    return summary
+
+
+def _mean_wer(results: dict) -> float:
+    vals = [v for k, v in results.items() if k.endswith("student_wer")]
+    return float(np.mean(vals)) if vals else float("nan")

@@ -1,0 +1,688 @@
+"""Pseudo-labelling: a teacher transcribes datasets on every device of every process; resumable and idempotent.
+
+    label_datasets(specs, LabelOptions(teacher=..., output=DIR), cfg) -> summary dict (process 0; None elsewhere)
+
+Work split. All examples of all datasets are sorted by (dataset, id); ids already present in DIR's part files
+are removed (every process reads every part: completed ids are global facts, so a rerun may use another process
+count). Global batch g of the remaining list covers positions [g*B, (g+1)*B), B = per-device batch x devices;
+row r of it is decoded by the device the batch sharding puts it on, so each process reads, decodes and writes
+only the rows its own devices hold (a contiguous block, r // (B / P) == process on the usual device order).
+
+One jitted function per run: log-mel (sharded over the batch), then encode + greedy generate with the teacher's
+parameters replicated on every device (multilingual teachers without --language detect the language per row
+inside the same call). Audio is decoded on a thread pool one batch ahead of the device.
+
+Output, under DIR:
+    labels-{process:05d}-of-{processes:05d}-part{k:05d}.parquet   rows of one process (SCHEMA), written to a
+        hidden temporary file and renamed every `commit_every` batches; `datasets.load_dataset("parquet",
+        data_files="DIR/labels-*.parquet")` reads them.
+    labelling.json    teacher and decoding options; a rerun with different ones is refused.
+    summary.json      audio hours, throughput, WER distribution and kept fractions per dataset (`summarise`).
+
+Rows that cannot be labelled (missing / corrupt / empty audio, over 30 s without a long-form decoder, an unknown
+language) are written with `status` = the reason and no label; `status == "ok"` marks a label. `wer` is the
+fraction (not %) of word errors of the label against the reference, both normalised with `normalize_english`;
+null where there is no reference or the normalised reference is empty (filter those out, as the paper does).
+`token_ids` are the generated tokens without the prompt and without EOT.
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import json
+import math
+import os
+import re
+import statistics
+import sys
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
+from dwjax.data.manifest import Example, read_dataset
+from dwjax.errors import AudioError, ConfigError, UserError
+
+__all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
+           "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB"]
+
+PART_GLOB = "labels-*-of-*-part*.parquet"
+PART_RE = re.compile(r"^labels-(\d{5})-of-(\d{5})-part(\d{5})\.parquet$")
+THRESHOLDS = (5, 10, 20, 40, 80)          # WER % thresholds reported in the summary
+OPTIONS_FILE = "labelling.json"
+SUMMARY_FILE = "summary.json"
+#: options that must not change between a run and its resumption
+_FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max_new_tokens", "dtype")
+
+
+SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("dataset", pa.string()),
+    ("audio", pa.string()),                  # the audio path (null for audio held as bytes)
+    ("duration_s", pa.float64()),
+    ("text", pa.string()),                   # the teacher's label
+    ("token_ids", pa.list_(pa.int32())),
+    ("language", pa.string()),
+    ("avg_logprob", pa.float64()),
+    ("compression_ratio", pa.float64()),
+    ("no_speech_prob", pa.float64()),
+    ("timestamps", pa.string()),             # JSON list of {"start", "end", "text"} (with --timestamps)
+    ("reference", pa.string()),
+    ("reference_encoding_errors", pa.bool_()),
+    ("wer", pa.float64()),
+    ("status", pa.string()),                 # "ok", or "<kind>: <detail>" (kinds: FAILURE_KINDS)
+])
+#: the kinds of rows that get no label (the part of `status` before the first ":")
+FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
+                 "long-form decoding failed")
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelOptions:
+    teacher: str
+    output: str
+    batch_size: int = 8                 # per device
+    timestamps: bool = False
+    language: Optional[str] = None      # None: the example's language, else detected (multilingual teachers)
+    task: str = "transcribe"
+    num_beams: int = 1
+    max_new_tokens: int = 224
+    dtype: str = "float32"
+    scan_layers: bool = True
+    commit_every: int = 8               # batches per part file
+    num_workers: int = 4                # audio decoding threads
+    progress: bool = True
+
+    def fixed(self) -> dict:
+        return {k: getattr(self, k) for k in _FIXED_OPTIONS}
+
+
+# ---------------------------------------------------------------------------------------------- part files
+
+
+def part_files(output: str | os.PathLike) -> list[Path]:
+    """The committed part files under `output`, sorted by name (temporary files are not parts)."""
+    directory = Path(output)
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if PART_RE.match(p.name) and p.is_file())
+
+
+def read_labels(output: str | os.PathLike, columns: Optional[Sequence[str]] = None):
+    """Every committed row under `output` as one pyarrow Table (empty, with SCHEMA, when there is none)."""
+    schema = SCHEMA
+    tables = []
+    for path in part_files(output):
+        try:
+            tables.append(pq.read_table(path, columns=list(columns) if columns else None, schema=schema))
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: unreadable part file ({e}); delete it to relabel its rows") from None
+    if not tables:
+        schema = pa.schema([schema.field(c) for c in columns]) if columns else schema
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def completed_keys(output: str | os.PathLike) -> set[tuple[str, str]]:
+    """(dataset, id) of every committed row under `output` (whatever its status)."""
+    table = read_labels(output, columns=["dataset", "id"])
+    return set(zip(table.column("dataset").to_pylist(), table.column("id").to_pylist()))
+
+
+def _next_part_index(output: Path, process: int, n_processes: int) -> int:
+    taken = [int(m.group(3)) for p in part_files(output) if (m := PART_RE.match(p.name))
+             and int(m.group(1)) == process and int(m.group(2)) == n_processes]
+    return max(taken, default=-1) + 1
+
+
+def _write_part(output: Path, process: int, n_processes: int, index: int, rows: list[dict]) -> Path:
+    name = f"labels-{process:05d}-of-{n_processes:05d}-part{index:05d}.parquet"
+    final = output / name
+    tmp = output / f".{name}.{os.getpid()}.tmp"
+    pq.write_table(pa.Table.from_pylist(rows, schema=SCHEMA), tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def _check_options(output: Path, opts: LabelOptions) -> Optional[dict]:
+    """The options of an earlier run in `output`, refusing a resumption with different ones."""
+    path = output / OPTIONS_FILE
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete it only if the labels were made with the same options")
+    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in opts.fixed().items() if old.get(k) != v]
+    if diff:
+        raise UserError(f"{output} holds labels made with other options ({'; '.join(diff)}); "
+                        "use a new --output directory or the same options")
+    return old
+
+
+# ---------------------------------------------------------------------------------------------- rows
+
+
+def compression_ratio(text: str) -> float:
+    data = text.encode("utf-8")
+    return len(data) / max(1, len(zlib.compress(data))) if data else 0.0
+
+
+def row_wer(reference: Optional[str], hypothesis: str) -> Optional[float]:
+    """Word error rate (fraction) of one label on `normalize_english` text; None without reference words."""
+    if reference is None:
+        return None
+    from dwjax.text.wer import error_rates
+    rates = error_rates([reference], [hypothesis])
+    return None if rates["n_pairs"] == 0 else float(rates["wer"])
+
+
+def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
+    return {"id": e.id, "dataset": e.dataset, "audio": e.audio_path, "duration_s": duration, "text": None,
+            "token_ids": None, "language": None, "avg_logprob": None, "compression_ratio": None,
+            "no_speech_prob": None, "timestamps": None, "reference": e.text,
+            "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status}
+
+
+def _label_row(e: Example, duration: float, text: str, tokens: list[int], language: Optional[str],
+               avg_logprob: float, no_speech_prob: float, segments: Optional[list]) -> dict:
+    row = _base_row(e, duration, "ok")
+    row.update(text=text, token_ids=[int(t) for t in tokens], language=language, avg_logprob=float(avg_logprob),
+               compression_ratio=compression_ratio(text), no_speech_prob=float(no_speech_prob),
+               timestamps=json.dumps(segments, ensure_ascii=False) if segments is not None else None,
+               wer=row_wer(e.text, text))
+    return row
+
+
+@dataclasses.dataclass
+class _Loaded:
+    example: Example
+    audio: Optional[np.ndarray]          # None when unusable
+    duration: Optional[float]
+    status: str                          # "ok", "long" or the reason
+
+
+def _audio_error_kind(message: str) -> str:
+    if "does not exist" in message or "is a directory" in message:
+        return "missing audio"
+    if "is empty" in message:
+        return "empty audio"
+    return "unreadable audio"
+
+
+def _load(e: Example) -> _Loaded:
+    try:
+        if e.audio_path is not None and os.path.isfile(e.audio_path) and os.path.getsize(e.audio_path) == 0:
+            return _Loaded(e, None, 0.0, f"empty audio: audio file {e.audio_path} is empty (0 bytes)")
+        if e.audio_bytes is not None:
+            audio = load_audio_bytes(e.audio_bytes, name=f"{e.dataset}/{e.id}")
+        else:
+            audio = load_audio(e.audio_path)
+    except AudioError as err:
+        return _Loaded(e, None, e.duration_s, f"{_audio_error_kind(str(err))}: {err}")
+    except Exception as err:  # a row must never stop the run
+        return _Loaded(e, None, e.duration_s, f"unreadable audio: {type(err).__name__}: {err}")
+    duration = len(audio) / SAMPLE_RATE
+    return _Loaded(e, audio, duration, "long" if len(audio) > N_SAMPLES else "ok")
+
+
+# ---------------------------------------------------------------------------------------------- device step
+
+
+class _Teacher:
+    """The teacher on a mesh: replicated parameters and one jitted, batch-sharded log-mel + encode + generate."""
+
+    def __init__(self, opts: LabelOptions, mesh):
+        import dataclasses as dc
+
+        import jax
+        import jax.numpy as jnp
+
+        from dwjax.decoding.rules import DecodeSpec
+        from dwjax.decoding.transcribe import DTYPES
+        from dwjax.mesh import data_sharding, replicated
+        from dwjax.models.whisper import Whisper
+        from dwjax.weights.loading import load_model
+
+        if opts.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {opts.dtype!r}; use float32 or bfloat16")
+        self.opts, self.mesh = opts, mesh
+        self.loaded = load_model(opts.teacher)
+        self.cfg, self.tok = self.loaded.cfg, self.loaded.tokenizer
+        self.multilingual = self.tok.is_multilingual
+        if not self.multilingual and opts.task == "translate":
+            raise UserError("an English-only teacher cannot translate; use a multilingual model")
+        self.model = Whisper(self.cfg, dtype=DTYPES[opts.dtype], scan_layers=opts.scan_layers)
+        self.spec = dc.replace(DecodeSpec.for_model(self.tok, self.loaded.generation, self.cfg.vocab_size),
+                               timestamps=bool(opts.timestamps))
+        self.forced_language = None
+        if opts.language:
+            from dwjax.text.tokenizer import resolve_language
+            code = resolve_language(opts.language)
+            if self.multilingual:
+                self.forced_language = self.tok.language_token(code)
+            elif code != "en":
+                raise UserError(f"the teacher is English-only; it cannot label language {opts.language!r}")
+        # the prompt; multilingual: a language placeholder at position 1, filled per row inside the step
+        if self.multilingual:
+            self.template = self.tok.sot_sequence(next(iter(self.tok.languages)), opts.task, opts.timestamps)
+        else:
+            self.template = self.tok.sot_sequence(None, None, opts.timestamps)
+        self.code_of = {i: c for c, i in self.tok.languages.items()} if self.multilingual else {}
+        self.max_new = min(opts.max_new_tokens, self.cfg.n_text_ctx - len(self.template))
+        self.batch_sharding = data_sharding(mesh)
+        self.replicated = replicated(mesh)
+        self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.loaded.params), self.replicated)
+        outs = dict(tokens=self.batch_sharding, lengths=self.batch_sharding, sum_logprob=self.batch_sharding,
+                    no_speech_prob=self.batch_sharding, language=self.batch_sharding, audio_s=self.replicated)
+        self._step = jax.jit(self._step_impl, in_shardings=(self.replicated, self.batch_sharding,
+                                                            self.batch_sharding, self.batch_sharding),
+                             out_shardings=outs)
+        self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
+
+    def _mel_impl(self, audio):
+        from dwjax.audio import log_mel_spectrogram
+        return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
+
+    def _step_impl(self, params, mel, lang, duration):
+        import jax.numpy as jnp
+
+        from dwjax.decoding.generate import decode_loop
+        b = mel.shape[0]
+        enc = self.model.apply({"params": params}, mel, method="encode")
+        prompt = jnp.broadcast_to(jnp.asarray(self.template, jnp.int32), (b, len(self.template)))
+        if self.multilingual:
+            lang_ids = jnp.asarray(list(self.tok.languages.values()), jnp.int32)
+            logits, _ = self.model.apply({"params": params}, jnp.full((b, 1), self.spec.sot, jnp.int32), enc,
+                                         None, method="decode")
+            detected = lang_ids[jnp.argmax(jnp.take(logits[:, 0], lang_ids, axis=-1), axis=-1)]
+            lang = jnp.where(lang >= 0, lang, detected).astype(jnp.int32)
+            prompt = prompt.at[:, 1].set(lang)
+        out = decode_loop(self.model, self.spec, params, enc, prompt, self.max_new, 0.0, None, 0)
+        out["language"] = lang
+        out["audio_s"] = jnp.sum(duration)
+        return out
+
+    def language_id(self, e: Example) -> int | str:
+        """The forced language token of a row (-1: detect), or a reason string when the row's language is bad."""
+        if not self.multilingual:
+            return -1
+        if self.forced_language is not None:
+            return self.forced_language
+        if not e.language:
+            return -1
+        try:
+            from dwjax.text.tokenizer import resolve_language
+            return self.tok.language_token(resolve_language(e.language))
+        except (UserError, KeyError, ValueError) as err:
+            return f"unknown language: {e.language!r} ({err})"
+
+    def run(self, local_audio: np.ndarray, local_lang: np.ndarray, local_dur: np.ndarray, global_b: int):
+        """Global arrays from this process's rows, one step, this process's rows of the results (numpy)."""
+        import jax
+        s = self.batch_sharding
+        audio = jax.make_array_from_process_local_data(s, local_audio, (global_b, N_SAMPLES))
+        lang = jax.make_array_from_process_local_data(s, local_lang, (global_b,))
+        dur = jax.make_array_from_process_local_data(s, local_dur, (global_b,))
+        out = self._step(self.params, self._mel(audio), lang, dur)
+        local = {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items() if k != "audio_s"}
+        local["audio_s"] = float(np.asarray(out["audio_s"].addressable_shards[0].data))
+        return local
+
+
+def _local_rows(x, n_local: int) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in global order, from its addressable shards."""
+    shards = sorted(x.addressable_shards, key=lambda sh: sh.index[0].start or 0)
+    lo = shards[0].index[0].start or 0
+    out = np.empty((n_local,) + x.shape[1:], x.dtype)
+    for sh in shards:
+        start = (sh.index[0].start or 0) - lo
+        data = np.asarray(sh.data)
+        out[start: start + data.shape[0]] = data
+    return out
+
+
+def local_row_range(sharding, global_b: int) -> tuple[int, int]:
+    """[lo, hi): the rows of a (global_b,) batch this process's devices hold (must be one contiguous block)."""
+    idx = sorted({(sl[0].start or 0, global_b if sl[0].stop is None else sl[0].stop)
+                  for sl in sharding.addressable_devices_indices_map((global_b,)).values()})
+    lo, hi = idx[0][0], idx[0][1]
+    for start, stop in idx[1:]:
+        if start != hi:
+            raise ConfigError("this process's devices do not hold one contiguous block of the batch; "
+                              "the pseudo-labeller needs the mesh's devices ordered by process")
+        hi = stop
+    return lo, hi
+
+
+# ---------------------------------------------------------------------------------------------- the run
+
+
+def _sorted_examples(specs: Sequence[str]) -> list[Example]:
+    examples: list[Example] = []
+    seen: dict[str, str] = {}
+    for spec in specs:
+        rows = read_dataset(spec)
+        name = rows[0].dataset if rows else str(spec)
+        if name in seen:
+            raise UserError(f"two datasets are named {name!r} ({seen[name]} and {spec}); name them: NAME=PATH")
+        seen[name] = str(spec)
+        examples.extend(rows)
+    return sorted(examples, key=lambda e: (e.dataset, e.id))
+
+
+def _sync(name: str) -> None:
+    import jax
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def _fingerprint(pending: list[Example]) -> int:
+    h = 0
+    for e in pending:
+        h = zlib.crc32(f"{e.dataset}\x00{e.id}\n".encode("utf-8", "surrogatepass"), h)
+    return h
+
+
+def _local_transcriber(teacher: "_Teacher", opts: LabelOptions, cache: dict):
+    """A single-device Transcriber sharing the teacher's weights (long-form audio and beam search)."""
+    if "transcriber" not in cache:
+        from dwjax.decoding.transcribe import Transcriber
+        cache["transcriber"] = Transcriber(teacher.loaded, dtype=opts.dtype, batch_size=max(1, opts.batch_size),
+                                           scan_layers=opts.scan_layers)
+    return cache["transcriber"]
+
+
+def _long_form():
+    """`dwjax.decoding.longform.transcribe_long`, or None where no long-form decoder is installed."""
+    try:
+        from dwjax.decoding.longform import transcribe_long
+    except ImportError:
+        return None
+    return transcribe_long
+
+
+def _decode_kw(opts: LabelOptions, language: Optional[str]) -> dict:
+    kw = dict(language=language, task=opts.task, timestamps=opts.timestamps, max_new_tokens=opts.max_new_tokens)
+    if opts.num_beams > 1:
+        kw["num_beams"] = opts.num_beams
+    return kw
+
+
+def _transcript_row(e: Example, duration: float, t, timestamps: bool) -> dict:
+    segs = t.segments if timestamps else None
+    return _label_row(e, duration, t.text, t.tokens, t.language or "en", t.avg_logprob, t.no_speech_prob, segs)
+
+
+def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=None) -> Optional[dict]:
+    """Label every example of the datasets `specs` not yet labelled under `opts.output` (see the module docstring).
+
+    Call `dwjax.mesh.initialize_distributed()` before this in a multi-process run. `cfg` supplies the mesh's
+    dcn layout only (the labeller is pure data parallel); `devices` limits the mesh (tests). Returns the summary
+    on process 0 and None on the others."""
+    import jax
+
+    from dwjax.config import Config, MeshConfig
+    from dwjax.mesh import banner, is_main_process, make_mesh
+
+    if opts.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if opts.commit_every < 1:
+        raise UserError("--commit-every must be at least 1")
+    if opts.num_beams < 1:
+        raise UserError("--num-beams must be at least 1")
+    if opts.num_beams > 1:
+        from dwjax.decoding.generate import Generator
+        if not hasattr(Generator, "beam_search"):
+            raise UserError("--num-beams > 1 needs beam search (dwjax.decoding.beam), which this install lacks")
+    cfg = cfg or Config()
+    output = Path(opts.output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1, dcn_data=1), devices)
+    n_dev, n_proc, proc = mesh.devices.size, jax.process_count(), jax.process_index()
+    global_b = opts.batch_size * n_dev
+    banner(dataclasses.replace(cfg, mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
+                               train=dataclasses.replace(cfg.train, per_device_batch_size=opts.batch_size),
+                               model=dataclasses.replace(cfg.model, dtype=opts.dtype, scan_layers=opts.scan_layers)),
+           global_batch=global_b)
+
+    # what is done: every process reads every part, then all agree before anyone writes
+    examples = _sorted_examples(specs)
+    _check_options(output, opts)
+    done = completed_keys(output)
+    if is_main_process():
+        for stale in output.glob(".labels-*.tmp"):
+            stale.unlink(missing_ok=True)
+    pending = [e for e in examples if (e.dataset, e.id) not in done]
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.assert_equal(np.array([len(pending), _fingerprint(pending) & 0x7FFFFFFF], np.int32),
+                                     "processes disagree on the examples left to label: every process must see "
+                                     "the same manifests and the same output directory (a shared file system)")
+    _sync("dwjax-pseudo-label-scan")
+    if is_main_process() and not (output / OPTIONS_FILE).exists():
+        tmp = output / f".{OPTIONS_FILE}.tmp"
+        tmp.write_text(json.dumps({**opts.fixed(), "datasets": [str(s) for s in specs]}, indent=2) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, output / OPTIONS_FILE)
+
+    teacher = _Teacher(opts, mesh)
+    lo, hi = local_row_range(teacher.batch_sharding, global_b)
+    n_local = hi - lo
+    n_batches = math.ceil(len(pending) / global_b)
+    if is_main_process():
+        print(f"dwjax pseudo-label: teacher {opts.teacher}; {len(examples)} examples, {len(done)} already labelled, "
+              f"{len(pending)} to label in {n_batches} global batches of {global_b} "
+              f"({opts.batch_size} per device x {n_dev} devices, {n_local} rows per process x {n_proc} processes)",
+              flush=True)
+
+    part_index = _next_part_index(output, proc, n_proc)
+    buffer: list[dict] = []
+    local_audio_s, local_rows, local_ok = 0.0, 0, 0
+    local_cache: dict = {}
+    bar = None
+    if is_main_process() and opts.progress and n_batches:
+        from tqdm import tqdm
+        bar = tqdm(total=len(pending), unit="utt", dynamic_ncols=True, file=sys.stderr, desc="pseudo-label")
+    global_audio_s = 0.0
+    t0 = time.time()
+
+    def rows_of(g: int) -> list[Example]:
+        start = g * global_b
+        return pending[start + lo: min(start + hi, len(pending))]
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, opts.num_workers)) as pool:
+        def submit(g: int):
+            return [pool.submit(_load, e) for e in rows_of(g)] if g < n_batches else []
+
+        ahead = submit(0)
+        for g in range(n_batches):
+            current, ahead = ahead, submit(g + 1)        # decode the next batch's audio while the device works
+            loaded = [f.result() for f in current]
+            audio = np.zeros((n_local, N_SAMPLES), np.float32)
+            lang = np.full((n_local,), -1, np.int32)
+            dur = np.zeros((n_local,), np.float32)
+            on_device = []
+            for i, item in enumerate(loaded):
+                if item.status == "ok":
+                    lid = teacher.language_id(item.example)
+                    if isinstance(lid, str):
+                        item.status = lid
+                        continue
+                    lang[i] = lid
+                    audio[i, : len(item.audio)] = item.audio
+                    dur[i] = item.duration
+                    on_device.append(i)
+            rows: list[Optional[dict]] = [None] * len(loaded)
+            if opts.num_beams > 1:
+                # beam search: decoded per process on its first local device (no sharded beam search yet)
+                tr = _local_transcriber(teacher, opts, local_cache)
+                for i in on_device:
+                    item = loaded[i]
+                    language = teacher.code_of.get(int(lang[i])) if lang[i] >= 0 else None
+                    t = tr.transcribe_batch([item.audio], **_decode_kw(opts, language))[0]
+                    rows[i] = _transcript_row(item.example, item.duration, t, opts.timestamps)
+                global_audio_s += float(dur.sum()) * n_proc
+            elif on_device or n_proc > 1:
+                out = teacher.run(audio, lang, dur, global_b)
+                global_audio_s += out["audio_s"]
+                for i in on_device:
+                    item = loaded[i]
+                    ids = out["tokens"][i, : out["lengths"][i]].tolist()
+                    text = teacher.tok.decode(ids).strip()
+                    segs = teacher.tok.segments(ids, duration=item.duration) if opts.timestamps else None
+                    language = teacher.code_of.get(int(out["language"][i]), "en") if teacher.multilingual else "en"
+                    avg_lp = float(out["sum_logprob"][i]) / (int(out["lengths"][i]) + 1)
+                    rows[i] = _label_row(item.example, item.duration, text, ids, language, avg_lp,
+                                         float(out["no_speech_prob"][i]), segs)
+            for i, item in enumerate(loaded):
+                if rows[i] is not None:
+                    continue
+                if item.status == "long":
+                    transcribe_long = _long_form()
+                    if transcribe_long is None:
+                        rows[i] = _base_row(item.example, item.duration, f"longer than 30 s: {item.duration:.1f} s and no long-form "
+                                                                                 "decoder (dwjax.decoding.longform)")
+                    else:
+                        tr = _local_transcriber(teacher, opts, local_cache)
+                        lid = teacher.language_id(item.example)
+                        language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
+                        try:
+                            t = transcribe_long(tr, item.audio, **_decode_kw(opts, language))
+                            rows[i] = _transcript_row(item.example, item.duration, t, opts.timestamps)
+                        except Exception as err:  # a row must never stop the run
+                            rows[i] = _base_row(item.example, item.duration,
+                                                f"long-form decoding failed: {type(err).__name__}: {err}")
+                else:
+                    rows[i] = _base_row(item.example, item.duration, item.status)
+            for r in rows:
+                local_rows += 1
+                if r["status"] == "ok":
+                    local_ok += 1
+                    local_audio_s += r["duration_s"] or 0.0
+            buffer.extend(rows)
+            if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
+                _write_part(output, proc, n_proc, part_index, buffer)
+                part_index += 1
+                buffer = []
+            if bar is not None:
+                bar.update(min(global_b, len(pending) - g * global_b))
+                elapsed = max(time.time() - t0, 1e-9)
+                bar.set_postfix_str(f"{global_audio_s / 3600:.3f} h audio, {global_audio_s / 3600 / elapsed:.4f} "
+                                    f"audio-h/s", refresh=False)
+    if bar is not None:
+        bar.close()
+    wall = time.time() - t0
+    totals = np.array([local_audio_s, local_rows, local_ok], np.float64)
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+        totals = np.asarray(multihost_utils.process_allgather(totals)).reshape(n_proc, -1).sum(axis=0)
+    _sync("dwjax-pseudo-label-done")
+    if not is_main_process():
+        return None
+    run = {"processes": n_proc, "devices": n_dev, "global_batch": global_b, "per_device_batch": opts.batch_size,
+           "rows_this_run": int(totals[1]), "labelled_this_run": int(totals[2]),
+           "audio_hours_this_run": float(totals[0]) / 3600, "wall_s": wall, "total_s": time.time() - started,
+           "audio_s_per_s": float(totals[0]) / wall if wall > 0 else None}
+    summary = summarise(read_labels(output), run=run, options=opts.fixed())
+    tmp = output / f".{SUMMARY_FILE}.tmp"
+    tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, output / SUMMARY_FILE)
+    print(format_summary(summary), flush=True)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------- summary
+
+
+def _percentile(sorted_values: list[float], q: float) -> float:
+    """Linear-interpolated percentile (numpy's default) of an ascending list."""
+    return float(np.percentile(np.asarray(sorted_values, np.float64), q)) if sorted_values else float("nan")
+
+
+def _group_summary(rows: list[dict]) -> dict:
+    from dwjax.text.wer import error_rates
+    ok = [r for r in rows if r["status"] == "ok"]
+    with_ref = [r for r in ok if r["reference"] is not None]
+    scored = sorted(r["wer"] for r in ok if r["wer"] is not None)
+    statuses: dict[str, int] = {}
+    for r in rows:
+        if r["status"] != "ok":
+            key = r["status"].split(":", 1)[0]
+            statuses[key] = statuses.get(key, 0) + 1
+    corpus = error_rates([r["reference"] for r in with_ref], [r["text"] for r in with_ref]) if with_ref else None
+    out = {
+        "rows": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
+        "audio_hours": sum(r["duration_s"] or 0.0 for r in ok) / 3600,
+        "with_reference": len(with_ref), "empty_references": len(with_ref) - len(scored),
+        "no_reference": len(ok) - len(with_ref),
+        "reference_encoding_errors": sum(bool(r["reference_encoding_errors"]) for r in rows),
+        "failures": dict(sorted(statuses.items())),
+        "wer": None, "kept": None,
+    }
+    if scored:
+        out["wer"] = {"corpus": None if corpus is None or math.isnan(corpus["wer"]) else corpus["wer"],
+                      "mean": statistics.fmean(scored), "median": statistics.median(scored),
+                      **{f"p{q}": _percentile(scored, q) for q in (10, 25, 75, 90, 95)}, "max": scored[-1]}
+    if with_ref:
+        # kept = labelled rows whose normalised reference is non-empty and WER% <= threshold, over labelled rows
+        out["kept"] = {str(t): sum(w * 100 <= t for w in scored) / len(ok) for t in THRESHOLDS}
+    return out
+
+
+def summarise(table, run: Optional[dict] = None, options: Optional[dict] = None) -> dict:
+    """Per-dataset and overall statistics of a label table (see `read_labels`)."""
+    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text"]
+    rows = table.select(cols).to_pylist()
+    by: dict[str, list[dict]] = {}
+    for r in rows:
+        by.setdefault(r["dataset"], []).append(r)
+    ids = table.select(["dataset", "id"]).to_pylist()
+    duplicates = len(ids) - len({(r["dataset"], r["id"]) for r in ids})
+    return {"options": options or {}, "run": run or {}, "thresholds_percent": list(THRESHOLDS),
+            "duplicates": duplicates, "overall": _group_summary(rows),
+            "datasets": {name: _group_summary(group) for name, group in sorted(by.items())}}
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.1f}"
+
+
+def format_summary(summary: dict) -> str:
+    """The summary as a plain-text table (one line per dataset, then the total)."""
+    run = summary.get("run") or {}
+    head = (f"{'dataset':<20} {'rows':>7} {'ok':>7} {'failed':>6} {'hours':>8} {'WER%':>6} {'mean':>6} {'med':>6} "
+            f"{'p90':>6} " + " ".join(f"{'<=' + str(t):>6}" for t in THRESHOLDS))
+    lines = []
+    if run:
+        rate = run.get("audio_s_per_s")
+        lines.append(f"labelled {run.get('labelled_this_run', 0)} of {run.get('rows_this_run', 0)} rows this run: "
+                     f"{run.get('audio_hours_this_run', 0.0):.4f} h of audio in {run.get('wall_s', 0.0):.1f} s "
+                     f"({'-' if rate is None else f'{rate:.2f}'} audio s/s) on {run.get('processes')} process(es), "
+                     f"{run.get('devices')} device(s), global batch {run.get('global_batch')}")
+    lines += [head, "-" * len(head)]
+    groups = list(summary["datasets"].items()) + [("TOTAL", summary["overall"])]
+    for name, s in groups:
+        w, kept = s["wer"] or {}, s["kept"] or {}
+        lines.append(f"{name[:20]:<20} {s['rows']:>7} {s['ok']:>7} {s['failed']:>6} {s['audio_hours']:>8.4f} "
+                     f"{_pct(w.get('corpus')):>6} {_pct(w.get('mean')):>6} {_pct(w.get('median')):>6} "
+                     f"{_pct(w.get('p90')):>6} " + " ".join(f"{_pct(kept.get(str(t))):>6}" for t in THRESHOLDS))
+    o = summary["overall"]
+    lines.append(f"WER in %; '<=T': fraction (%) of labelled rows kept by a WER <= T% filter; "
+                 f"{o['empty_references']} empty reference(s), {o['no_reference']} without reference, "
+                 f"{o['reference_encoding_errors']} with non-UTF-8 reference text")
+    if o["failures"]:
+        lines.append("failed rows: " + "; ".join(f"{n} x {reason}" for reason, n in o["failures"].items()))
+    if summary.get("duplicates"):
+        lines.append(f"WARNING: {summary['duplicates']} duplicate (dataset, id) rows in the part files")
+    return "\n".join(lines)

@@ -1,0 +1,166 @@
+"""Train/eval steps: accumulation == full batch, sharded (2 data x 4 fsdp) == one device, scan == unrolled,
+frozen encoder without optimizer state, schedule, eval sums. Tiny random configs; 8 fake CPU devices (conftest)."""
+import functools
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+
+from dwjax import losses
+from dwjax import mesh as mesh_lib
+from dwjax import train_step as ts
+from dwjax.config import Config, LossConfig, MeshConfig, ModelConfig, OptimConfig, TrainConfig
+from dwjax.models.configs import WhisperConfig
+from dwjax.models.student import make_student
+from dwjax.models.whisper import Whisper, abstract_params, count_params
+
+TEACHER = WhisperConfig(n_mels=16, n_audio_ctx=16, n_text_ctx=32, d_model=64, encoder_layers=2, decoder_layers=4,
+                        encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=512)
+OPTIM = OptimConfig(learning_rate=1e-3, warmup_steps=0, schedule="constant", max_grad_norm=1.0, weight_decay=0.01)
+LOSS = LossConfig(kl_weight=1.0, ce_weight=0.8, temperature=2.0)
+
+
+def random_params(cfg, seed=0):
+    rng = np.random.default_rng(seed)
+    def one(path, x):
+        scale = str(getattr(path[-1], "key", "")) == "scale"
+        return (scale + rng.normal(0, 0.05, x.shape)).astype(np.float32)
+    return jax.tree_util.tree_map_with_path(one, nn.unbox(abstract_params(cfg)))
+
+
+def make_batch(b=16, t=12, seed=0):
+    rng = np.random.default_rng(seed)
+    seqs = rng.integers(0, TEACHER.vocab_size, (b, t + 1))
+    batch = losses.make_decoder_batch(seqs, rng.integers(1, 4, b), rng.integers(6, t + 2, b))
+    batch["input_features"] = rng.normal(size=(b, TEACHER.n_mels, 2 * TEACHER.n_audio_ctx)).astype(np.float32)
+    return batch
+
+
+@pytest.fixture(scope="module")
+def setup():
+    teacher = random_params(TEACHER, 1)
+    student_cfg, student = make_student(TEACHER, teacher, decoder_layers=2)
+    return teacher, student_cfg, student, make_batch()
+
+
+def one_step(teacher, student_cfg, student, batch, grad_accum=1, scan_layers=True, dtype="float32", remat="none"):
+    model_cfg = ModelConfig(scan_layers=scan_layers, dtype=dtype, remat=remat)
+    s_model, t_model = ts.make_models(model_cfg, student_cfg, TEACHER)
+    tx, schedule = ts.make_optimizer(OPTIM)
+    state = ts.init_train_state(student, tx, jax.random.PRNGKey(0))
+    step = jax.jit(functools.partial(ts.train_step, student_model=s_model, teacher_model=t_model, loss_cfg=LOSS,
+                                     tx=tx, schedule=schedule, grad_accum=grad_accum))
+    return step(state, teacher, batch)
+
+
+def assert_trees_close(a, b, rtol):
+    for (path, x), y in zip(jax.tree_util.tree_flatten_with_path(a)[0], jax.tree_util.tree_leaves(b)):
+        x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+        rel = np.linalg.norm(x - y) / max(np.linalg.norm(x), 1e-12)
+        assert rel <= rtol, f"{jax.tree_util.keystr(path)}: relative difference {rel:.2e} > {rtol}"
+
+
+def test_schedule_warmup_then_linear_decay():
+    sched = ts.make_schedule(OptimConfig(learning_rate=1e-3, warmup_steps=10, total_steps=110, schedule="linear"))
+    np.testing.assert_allclose([float(sched(s)) for s in (0, 5, 10, 60, 110, 200)],
+                               [0, 5e-4, 1e-3, 5e-4, 0, 0], atol=1e-9)
+    const = ts.make_schedule(OptimConfig(learning_rate=1e-3, warmup_steps=4, schedule="constant"))
+    np.testing.assert_allclose([float(const(s)) for s in (0, 2, 4, 10_000)], [0, 5e-4, 1e-3, 1e-3], atol=1e-9)
+
+
+def test_grad_accumulation_equals_full_batch(setup):
+    teacher, student_cfg, student, batch = setup
+    full_state, full = one_step(teacher, student_cfg, student, batch, grad_accum=1)
+    acc_state, acc = one_step(teacher, student_cfg, student, batch, grad_accum=4)
+    assert float(full["n_tokens"]) == float(acc["n_tokens"]) == batch["loss_mask"].sum()
+    for k in ("loss", "kl", "ce", "grad_norm"):
+        np.testing.assert_allclose(float(acc[k]), float(full[k]), rtol=1e-6)
+    assert_trees_close(full_state.params, acc_state.params, 1e-6)
+    assert_trees_close(full_state.opt_state, acc_state.opt_state, 1e-5)
+    # the loss is the token-weighted total, not a mean of per-microbatch means
+    assert float(full["loss"]) == pytest.approx(LOSS.kl_weight * 4 * float(full["kl"]) + LOSS.ce_weight * float(full["ce"]),
+                                                rel=1e-6)
+
+
+def test_encoder_frozen_without_optimizer_state(setup):
+    teacher, student_cfg, student, batch = setup
+    state, metrics = one_step(teacher, student_cfg, student, batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["lr"]) == pytest.approx(1e-3)
+    assert int(state.step) == 1
+    for a, b in zip(jax.tree_util.tree_leaves(state.params["encoder"]), jax.tree_util.tree_leaves(student["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+    changed = [not np.array_equal(np.asarray(a), b) for a, b in
+               zip(jax.tree_util.tree_leaves(state.params["decoder"]), jax.tree_util.tree_leaves(student["decoder"]))]
+    assert sum(changed) > len(changed) // 2
+    # Adam's mu and nu cover the decoder only
+    moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
+    assert moments == 2 * count_params(student["decoder"])
+
+    # a student with its own (smaller, unshared) encoder: that encoder is run, frozen too
+    cfg1, student1 = make_student(TEACHER, teacher, decoder_layers=2, encoder_layers=1)
+    assert not ts.shares_encoder(cfg1, TEACHER)
+    state1, m1 = one_step(teacher, cfg1, student1, batch)
+    assert np.isfinite(float(m1["loss"])) and float(m1["loss"]) != pytest.approx(float(metrics["loss"]))
+    for a, b in zip(jax.tree_util.tree_leaves(state1.params["encoder"]), jax.tree_util.tree_leaves(student1["encoder"])):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_scan_equals_unrolled_and_bf16_runs(setup):
+    teacher, student_cfg, student, batch = setup
+    scanned, m1 = one_step(teacher, student_cfg, student, batch, scan_layers=True)
+    unrolled, m2 = one_step(teacher, student_cfg, student, batch, scan_layers=False, remat="full")
+    np.testing.assert_allclose(float(m1["loss"]), float(m2["loss"]), rtol=1e-6)
+    assert_trees_close(scanned.params, unrolled.params, 1e-6)
+    bf16, m3 = one_step(teacher, student_cfg, student, batch, dtype="bfloat16", remat="dots")
+    assert all(x.dtype == np.float32 for x in jax.tree_util.tree_leaves(bf16.params))     # fp32 master params
+    np.testing.assert_allclose(float(m3["loss"]), float(m1["loss"]), rtol=2e-2)
+
+
+def _sharded(cfg, mesh, student_cfg, student, teacher, batch):
+    steps = ts.make_sharded_train_step(cfg, mesh, student_cfg, TEACHER)
+    state = steps.init_state(student, jax.random.PRNGKey(0))
+    teacher_arrays = steps.shard_teacher(teacher)
+    state, metrics = steps.train_step(state, teacher_arrays, steps.put_batch(batch))
+    ev = steps.eval_step(state.params, teacher_arrays, steps.put_batch(batch))
+    return steps, state, metrics, ev
+
+
+def test_sharded_2x4_matches_one_device(setup):
+    teacher, student_cfg, student, batch = setup
+    assert len(jax.devices()) == 8, "tests/conftest.py should give 8 fake CPU devices"
+    cfg = Config(optim=OPTIM, loss=LOSS, mesh=MeshConfig(data=2, fsdp=4), train=TrainConfig(grad_accum_steps=2))
+    steps, state8, m8, ev8 = _sharded(cfg, mesh_lib.make_mesh(cfg), student_cfg, student, teacher, batch)
+    cfg1 = Config(optim=OPTIM, loss=LOSS, mesh=MeshConfig(data=1), train=TrainConfig(grad_accum_steps=2))
+    _, state1, m1, ev1 = _sharded(cfg1, mesh_lib.make_mesh(cfg1, jax.devices()[:1]), student_cfg, student, teacher,
+                                  batch)
+    # parameters and Adam moments are sharded over fsdp along `embed`, the batch over data x fsdp
+    emb = state8.params["decoder"]["embed_tokens"]["embedding"]
+    assert emb.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp")
+    assert len(emb.addressable_shards) == 8 and emb.addressable_shards[0].data.shape == (512, 16)
+    mu = state8.opt_state[1][0].mu["embed_tokens"]["embedding"]
+    assert mu.sharding.spec == emb.sharding.spec
+    for k in ("loss", "kl", "ce", "grad_norm", "n_tokens"):
+        np.testing.assert_allclose(float(m8[k]), float(m1[k]), rtol=1e-5)
+    assert_trees_close(jax.device_get(state1.params), jax.device_get(state8.params), 1e-5)
+    for k in ev1:
+        np.testing.assert_allclose(float(ev8[k]), float(ev1[k]), rtol=1e-5)
+
+
+def test_eval_step_sums(setup):
+    teacher, student_cfg, student, batch = setup
+    s_model, t_model = ts.make_models(ModelConfig(), student_cfg, TEACHER)
+    ev = jax.jit(functools.partial(ts.eval_step, student_model=s_model, teacher_model=t_model))(student, teacher, batch)
+    t_logits = jax.jit(Whisper(TEACHER).apply)({"params": teacher}, batch["input_features"], batch["decoder_input_ids"])
+    s_logits = jax.jit(Whisper(student_cfg).apply)({"params": student}, batch["input_features"],
+                                                   batch["decoder_input_ids"])
+    np.testing.assert_allclose(float(ev["kl_sum"]), float(losses.kl_sum(t_logits, s_logits, batch["loss_mask"], 1.0)),
+                               rtol=1e-5)
+    np.testing.assert_allclose(float(ev["ce_sum"]), float(losses.ce_sum(s_logits, batch["labels"], batch["loss_mask"])),
+                               rtol=1e-5)
+    assert float(ev["n_tokens"]) == batch["loss_mask"].sum()
+    # a student that is the whole teacher has zero KL
+    full_cfg, full = make_student(TEACHER, teacher, decoder_layers=4)
+    s_full, _ = ts.make_models(ModelConfig(), full_cfg, TEACHER)
+    ev_full = jax.jit(functools.partial(ts.eval_step, student_model=s_full, teacher_model=t_model))(full, teacher, batch)
+    assert abs(float(ev_full["kl_sum"])) < 1e-4
