@@ -143,9 +143,7 @@ def run(cfg: Config) -> dict:
     os.makedirs(out_dir, exist_ok=True) if mesh_lib.is_main_process() else None
     start = ckpt_lib.resolve_start(out_dir, cfg)
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out_dir), cfg)
-    abstract = jax.eval_shape(lambda: steps.init_state(student.params, jax.random.PRNGKey(cfg.run.seed)))
-    abstract = jax.tree_util.tree_map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-                                      steps.state_shardings)
+    abstract = steps.abstract_state()
     if start.kind == "resume":
         state, position, meta = checkpointer.restore_latest_valid(abstract)
         start_step = int(position.get("step", int(state.step)))

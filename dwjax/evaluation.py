@@ -1,0 +1,274 @@
+"""Evaluation of a model (optionally with a speculative assistant) on datasets: WER and its parts, hallucination
+counts, speed, long-form and noise robustness. Used by `dwjax evaluate`; `dwjax report` plots the results.
+
+Per set: normalised WER (Whisper English normaliser, corpus level), orthographic WER (raw text), insertion /
+substitution / deletion rates, repeated 5-grams (per file and summed), real-time factor (wall time / audio time,
+after one untimed warm-up batch so compilation is not counted) and audio seconds per second. Macro averages over the
+sets. Long-form: recordings over 30 s use `method`; sets of short clips are also concatenated (in order, 0.5 s
+pauses) into recordings of `long_form_seconds` and transcribed with the long-form method. Noise: each utterance is
+mixed with white noise, babble (the sum of `babble_talkers` other utterances of the set) or a noise file at each SNR,
+with a seed fixed per utterance.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from typing import Optional, Sequence
+
+import numpy as np
+
+from dwjax.audio import SAMPLE_RATE, load_audio, load_audio_bytes, mix_at_snr, white_noise
+from dwjax.errors import UserError
+from dwjax.text.wer import error_rates, repeated_ngrams
+
+RATE_KEYS = ("wer", "orthographic_wer", "ier", "ser", "der")
+
+
+@dataclasses.dataclass
+class EvalOptions:
+    batch_size: int = 8
+    max_samples: Optional[int] = None
+    long_form: Optional[str] = None          # None, "chunked" or "sequential"
+    long_form_seconds: float = 180.0
+    chunk_length: Optional[float] = None
+    noise: Optional[str] = None              # None, "white", "babble" or a noise file
+    snrs: Sequence[float] = (20, 10, 5, 0, -5)
+    babble_talkers: int = 4
+    seed: int = 0
+    max_new_tokens: int = 224
+    language: Optional[str] = None
+    k: int = 5                               # speculative draft tokens
+
+
+def load_set(spec: str, max_samples: Optional[int] = None):
+    """(name, [(id, reference text, audio)]) of a dataset spec (anything `read_dataset` accepts)."""
+    from dwjax.data.manifest import parse_spec, read_dataset
+    name, _ = parse_spec(spec)
+    examples = read_dataset(spec)
+    if max_samples:
+        examples = examples[:max_samples]
+    items = []
+    for ex in examples:
+        if ex.text is None:
+            raise UserError(f"{spec}: example {ex.id} has no reference text; evaluation needs transcripts")
+        audio = load_audio(ex.audio_path) if ex.audio_path else load_audio_bytes(ex.audio_bytes, name=ex.id)
+        items.append((ex.id, ex.text, audio))
+    if not items:
+        raise UserError(f"{spec}: no examples")
+    return name, items
+
+
+def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
+    """WER parts (normalised), orthographic WER and repeated 5-grams of paired texts."""
+    norm = error_rates(refs, hyps, normalize=True)
+    orth = error_rates(refs, hyps, normalize=False)
+    rep = [repeated_ngrams(h, 5, normalize=True) for h in hyps]
+    return {"wer": norm["wer"], "orthographic_wer": orth["wer"], "ier": norm["ier"], "ser": norm["ser"],
+            "der": norm["der"], "n_ref_words": norm["n_ref_words"], "n_empty_refs": norm["n_empty_refs"],
+            "repeated_5grams": int(sum(rep)), "repeated_5grams_per_file": rep,
+            "repeated_5grams_ref": int(sum(repeated_ngrams(r, 5, normalize=True) for r in refs))}
+
+
+def _timed_transcribe(transcriber, audios, opts, **kw):
+    if audios:   # warm-up: compile the buckets outside the timing
+        _transcribe_all(transcriber, list(audios[: transcriber.batch_size]), opts, **kw)
+        if hasattr(transcriber, "reset_stats"):
+            transcriber.reset_stats()
+    t0 = time.perf_counter()
+    out = _transcribe_all(transcriber, list(audios), opts, **kw)
+    return out, time.perf_counter() - t0
+
+
+def _babble(items, i, talkers, rng):
+    others = [j for j in range(len(items)) if j != i]
+    if not others:
+        raise UserError("babble noise needs at least two utterances in the set")
+    pick = rng.choice(others, size=min(talkers, len(others)), replace=False)
+    n = len(items[i][2])
+    mix = np.zeros(n, np.float64)
+    for j in pick:
+        a = np.asarray(items[j][2], np.float64)
+        a = np.resize(a, n)     # tile / crop to the utterance length
+        mix += a / max(np.sqrt(np.mean(a ** 2)), 1e-8)
+    return mix.astype(np.float32)
+
+
+def noisy_audio(items, kind: str, snr: float, seed: int, talkers: int = 4) -> list[np.ndarray]:
+    """The set's utterances mixed with `kind` noise at `snr` dB; deterministic per (seed, utterance index)."""
+    out = []
+    noise_file = None
+    if kind not in ("white", "babble"):
+        noise_file = load_audio(kind)
+    for i, (_, _, audio) in enumerate(items):
+        rng = np.random.default_rng([seed, i])
+        if kind == "white":
+            noise = white_noise(len(audio), rng)
+        elif kind == "babble":
+            noise = _babble(items, i, talkers, rng)
+        else:
+            noise = noise_file
+        out.append(mix_at_snr(audio, noise, float(snr), rng))
+    return out
+
+
+def _long_recordings(items, seconds: float):
+    """Consecutive utterances joined (0.5 s pauses) into recordings of about `seconds`: [(reference, audio)]."""
+    pause = np.zeros(SAMPLE_RATE // 2, np.float32)
+    recs, refs, parts, total = [], [], [], 0
+    for _, text, audio in items:
+        refs.append(text)
+        parts += [audio, pause]
+        total += len(audio) + len(pause)
+        if total >= seconds * SAMPLE_RATE:
+            recs.append((" ".join(refs), np.concatenate(parts)))
+            refs, parts, total = [], [], 0
+    if parts and (not recs or total > 30 * SAMPLE_RATE):
+        recs.append((" ".join(refs), np.concatenate(parts)))
+    elif parts:   # a short remainder joins the last recording
+        ref, audio = recs.pop()
+        recs.append((ref + " " + " ".join(refs), np.concatenate([audio] + parts)))
+    return recs
+
+
+def make_transcriber(model: str, assistant: Optional[str] = None, batch_size: int = 8, dtype: str = "float32",
+                     k: int = 5):
+    from dwjax.decoding.transcribe import Transcriber
+    tr = Transcriber(model, dtype=dtype, batch_size=batch_size)
+    if assistant:
+        from dwjax.decoding.speculative import SpeculativeTranscriber
+        tr = SpeculativeTranscriber(tr, assistant, k=k)
+    return tr
+
+
+def evaluate_set(transcriber, name: str, items, opts: EvalOptions) -> dict:
+    kw = dict(max_new_tokens=opts.max_new_tokens, language=opts.language)
+    audios = [a for _, _, a in items]
+    refs = [t for _, t, _ in items]
+    results, wall = _timed_transcribe(transcriber, audios, opts, **kw)
+    hyps = [r.text for r in results]
+    audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
+    out = {"name": name, "n": len(items), "audio_s": audio_s, "wall_s": wall, "rtf": wall / audio_s,
+           "audio_s_per_s": audio_s / wall if wall > 0 else math.inf, **score(refs, hyps)}
+    out["files"] = [{"id": i, "reference": r, "hypothesis": h, "repeated_5grams": n5}
+                    for (i, r, _), h, n5 in zip(items, hyps, out.pop("repeated_5grams_per_file"))]
+    if hasattr(transcriber, "stats"):
+        out["speculative"] = transcriber.stats.to_dict()
+    if opts.long_form:
+        out["long_form"] = evaluate_long_form(transcriber, items, opts)
+    if opts.noise:
+        out["noise"] = {"kind": opts.noise, "snr": {}}
+        for snr in opts.snrs:
+            noisy = noisy_audio(items, opts.noise, snr, opts.seed, opts.babble_talkers)
+            hyp_n = [r.text for r in _transcribe_all(transcriber, noisy, opts, **kw)]
+            s = score(refs, hyp_n)
+            s.pop("repeated_5grams_per_file")
+            out["noise"]["snr"][str(snr)] = s
+    return out
+
+
+def _transcribe_all(transcriber, audios, opts: EvalOptions, **kw):
+    """Clips <= 30 s through `transcribe` (batched); longer ones through `transcribe_long` with the chosen method."""
+    from dwjax.audio import N_SAMPLES
+    from dwjax.decoding.longform import transcribe_long
+    short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
+    out = [None] * len(audios)
+    for i, r in zip(short, transcriber.transcribe([audios[i] for i in short], **kw) if short else []):
+        out[i] = r
+    for i in (i for i in range(len(audios)) if out[i] is None):
+        out[i] = transcribe_long(transcriber, audios[i], method=opts.long_form or "chunked",
+                                 chunk_length=opts.chunk_length, **kw)
+    return out
+
+
+def evaluate_long_form(transcriber, items, opts: EvalOptions) -> dict:
+    from dwjax.decoding.longform import transcribe_long
+    recs = _long_recordings(items, opts.long_form_seconds)
+    hyps, wall, audio_s = [], 0.0, 0.0
+    for ref, audio in recs:
+        t0 = time.perf_counter()
+        r = transcribe_long(transcriber, audio, method=opts.long_form, chunk_length=opts.chunk_length,
+                            max_new_tokens=opts.max_new_tokens, language=opts.language)
+        wall += time.perf_counter() - t0
+        audio_s += len(audio) / SAMPLE_RATE
+        hyps.append(r.text)
+    s = score([r for r, _ in recs], hyps)
+    return {"method": opts.long_form, "recordings": len(recs), "audio_s": audio_s, "wall_s": wall,
+            "rtf": wall / audio_s, **s}
+
+
+def macro(sets: list[dict]) -> dict:
+    out = {}
+    for key in RATE_KEYS + ("rtf",):
+        vals = [s[key] for s in sets if s.get(key) is not None and not math.isnan(s[key])]
+        out[key] = float(np.mean(vals)) if vals else math.nan
+    out["repeated_5grams"] = int(sum(s["repeated_5grams"] for s in sets))
+    lf = [s["long_form"] for s in sets if "long_form" in s]
+    if lf:
+        out["long_form_wer"] = float(np.mean([s["wer"] for s in lf]))
+    nz = [s["noise"] for s in sets if "noise" in s]
+    if nz:
+        snrs = list(nz[0]["snr"])
+        out["noise"] = {snr: float(np.mean([n["snr"][snr]["wer"] for n in nz])) for snr in snrs}
+    return out
+
+
+def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, opts: Optional[EvalOptions] = None,
+             dtype: str = "float32", transcriber=None, log=print) -> dict:
+    """Evaluate `model` (+ `assistant`) on each dataset spec; returns the results dictionary (see module doc)."""
+    opts = opts or EvalOptions()
+    if opts.long_form not in (None, "chunked", "sequential"):
+        raise UserError(f"unknown long-form method {opts.long_form!r}; use chunked or sequential")
+    tr = transcriber or make_transcriber(model, assistant, opts.batch_size, dtype, opts.k)
+    sets = []
+    for spec in data:
+        name, items = load_set(spec, opts.max_samples)
+        log(f"evaluating {model}{' + ' + assistant if assistant else ''} on {name} ({len(items)} utterances)")
+        sets.append(evaluate_set(tr, name, items, opts))
+    cfg = tr.cfg
+    return {"model": model, "assistant": assistant,
+            "label": model.split("/")[-1].replace("builtin:", "") + (f" + {assistant.split('/')[-1]}" if assistant
+                                                                       else ""),
+            "kind": "teacher+assistant" if assistant else ("student" if cfg.decoder_layers <= 2 else "teacher"),
+            "decoder_layers": cfg.decoder_layers, "encoder_layers": cfg.encoder_layers, "dtype": dtype,
+            "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
+            "sets": sets, "macro": macro(sets)}
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
+
+
+def markdown_table(results: dict) -> str:
+    """The results of one `evaluate` call as markdown tables."""
+    head = "| set | n | WER | orth. WER | IER | SER | DER | rep. 5-grams | RTF | audio-s/s |"
+    lines = [f"**{results['label']}**", "", head, "|" + "---|" * 10]
+    for s in results["sets"]:
+        lines.append(f"| {s['name']} | {s['n']} | {_pct(s['wer'])} | {_pct(s['orthographic_wer'])} | "
+                     f"{_pct(s['ier'])} | {_pct(s['ser'])} | {_pct(s['der'])} | {s['repeated_5grams']} | "
+                     f"{s['rtf']:.4f} | {s['audio_s_per_s']:.1f} |")
+    m = results["macro"]
+    lines.append(f"| **macro** | | {_pct(m['wer'])} | {_pct(m['orthographic_wer'])} | {_pct(m['ier'])} | "
+                 f"{_pct(m['ser'])} | {_pct(m['der'])} | {m['repeated_5grams']} | {m['rtf']:.4f} | |")
+    lf = [s for s in results["sets"] if "long_form" in s]
+    if lf:
+        lines += ["", "| set | long-form | recordings | WER | rep. 5-grams (ref) | RTF |", "|---|---|---|---|---|---|"]
+        for s in lf:
+            L = s["long_form"]
+            lines.append(f"| {s['name']} | {L['method']} | {L['recordings']} | {_pct(L['wer'])} | "
+                         f"{L['repeated_5grams']} ({L['repeated_5grams_ref']}) | {L['rtf']:.4f} |")
+    nz = [s for s in results["sets"] if "noise" in s]
+    if nz:
+        snrs = list(nz[0]["noise"]["snr"])
+        lines += ["", "| set | noise | " + " | ".join(f"{x} dB" for x in snrs) + " |", "|---|---|" + "---|" * len(snrs)]
+        for s in nz:
+            lines.append(f"| {s['name']} | {s['noise']['kind']} | " +
+                         " | ".join(_pct(s["noise"]["snr"][x]["wer"]) for x in snrs) + " |")
+    spec = [s for s in results["sets"] if "speculative" in s]
+    if spec:
+        lines += ["", "| set | α (acceptance) | draft tokens | teacher forwards | tokens / round |", "|---|---|---|---|---|"]
+        for s in spec:
+            st = s["speculative"]
+            lines.append(f"| {s['name']} | {st['acceptance_rate']:.3f} | {st['draft_tokens']} | "
+                         f"{st['teacher_forwards']} | {st['tokens_per_round']:.2f} |")
+    return "\n".join(lines)
