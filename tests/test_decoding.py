@@ -186,7 +186,7 @@ def _features(utts, n_mels=80):
     return np.asarray(batch_features([a for _, a in utts], n_mels=n_mels))
 
 
-@pytest.mark.parametrize("teacher", ["tiny_en", "base"])
+@pytest.mark.parametrize("teacher", ["tiny_en", pytest.param("base", marks=pytest.mark.slow)])
 def test_greedy_matches_transformers_teachers(request, teacher, utterances):
     t = request.getfixturevalue(teacher)
     feats = _features(utterances)
@@ -200,6 +200,7 @@ def test_greedy_matches_transformers_teachers(request, teacher, utterances):
     assert wer([s for s, _ in utterances], hyp) < 0.35
 
 
+@pytest.mark.slow
 def test_bf16_transcripts_match_fp32(tiny_en, utterances):
     feats = _features(utterances)
     fp32 = tiny_en.dwjax_tokens(feats)

@@ -141,7 +141,7 @@ def ct2_dir(teacher, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------- transformers
-def _check_hf_matches(model_dir, ref: _Dwjax, report: str):
+def _check_hf_matches(model_dir, ref: _Dwjax, report: str, tol: float = 1e-4):
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     texts, hf = _hf_greedy(model_dir, ref.mel, ref.tok)
@@ -149,7 +149,7 @@ def _check_hf_matches(model_dir, ref: _Dwjax, report: str):
     diff = float(np.max(np.abs(_hf_logits(hf, ref.mel, tokens) - ref.logits(tokens))))
     print(f"{report}: max |logit diff| {diff:.2e}; transcripts equal {sum(a == b for a, b in zip(texts, ref.texts))}"
           f"/{len(texts)}")
-    assert diff < 1e-4
+    assert diff < tol
     assert texts == ref.texts
     return hf
 
@@ -375,6 +375,7 @@ def test_base_and_student_to_hf_and_ct2(clips, tmp_path):
     clips8 = (clips[0][:8], clips[1][:8])
     for name, model in (("base", base), ("base student", _student(base))):
         r = _Dwjax(model, clips8[0])
-        _check_hf_matches(ex.export_model(model, "hf", tmp_path / name / "hf"), r, f"{name} -> hf")
+        # base is deeper and wider than tiny: fp32 summation order gives up to ~1.5e-4 on its logits
+        _check_hf_matches(ex.export_model(model, "hf", tmp_path / name / "hf"), r, f"{name} -> hf", tol=3e-4)
         back = load_model(ex.export_model(model, "ctranslate2", tmp_path / name / "ct2"))
         _assert_params(model.params, back.params)

@@ -88,6 +88,8 @@ class Generator:
         self._generate = jax.jit(self._generate_impl, static_argnames=("spec", "max_new_tokens", "temperature",
                                                                        "sot_index"))
         self._detect = jax.jit(self._detect_impl, static_argnames=("sot",))
+        self._beam = jax.jit(self._beam_impl, static_argnames=("spec", "max_new_tokens", "num_beams",
+                                                               "length_penalty", "sot_index"))
 
     def _encode_impl(self, params, mel):
         self.compilations += 1
@@ -96,6 +98,12 @@ class Generator:
     def _generate_impl(self, params, enc_out, prompt, rng, *, spec, max_new_tokens, temperature, sot_index):
         self.compilations += 1
         return decode_loop(self.model, spec, params, enc_out, prompt, max_new_tokens, temperature, rng, sot_index)
+
+    def _beam_impl(self, params, enc_out, prompt, *, spec, max_new_tokens, num_beams, length_penalty, sot_index):
+        from dwjax.decoding.beam import beam_search_loop
+        self.compilations += 1
+        return beam_search_loop(self.model, spec, params, enc_out, prompt, max_new_tokens, num_beams,
+                                length_penalty, sot_index)
 
     def _detect_impl(self, params, enc_out, lang_ids, *, sot):
         b = enc_out.shape[0]
@@ -111,8 +119,7 @@ class Generator:
         scores = self._detect(self.params, enc_out, jnp.asarray(lang_ids, jnp.int32), sot=self.spec.sot)
         return np.asarray(jnp.argmax(scores, axis=-1))
 
-    def generate(self, enc_out, prompt, max_new_tokens: int = 224, temperature: float = 0.0, seed: int = 0,
-                 timestamps: Optional[bool] = None, sot_index: Optional[int] = None) -> GenerateOutput:
+    def _prepare(self, enc_out, prompt, max_new_tokens, timestamps, sot_index):
         prompt = np.asarray(prompt, np.int32)
         if prompt.ndim == 1:
             prompt = np.broadcast_to(prompt, (enc_out.shape[0], prompt.shape[0]))
@@ -120,8 +127,29 @@ class Generator:
         max_new_tokens = min(max_new_tokens, self.model.cfg.n_text_ctx - prompt.shape[1])
         if sot_index is None:
             sot_index = int(np.argmax(prompt[0] == spec.sot))
-        out = self._generate(self.params, enc_out, jnp.asarray(prompt), jax.random.PRNGKey(seed), spec=spec,
-                             max_new_tokens=max_new_tokens, temperature=float(temperature), sot_index=sot_index)
+        return jnp.asarray(prompt), spec, max_new_tokens, sot_index
+
+    @staticmethod
+    def _output(out) -> GenerateOutput:
         out = jax.device_get(out)
         return GenerateOutput(tokens=out["tokens"], lengths=out["lengths"], sum_logprob=out["sum_logprob"],
                               no_speech_prob=out["no_speech_prob"])
+
+    def generate(self, enc_out, prompt, max_new_tokens: int = 224, temperature: float = 0.0, seed: int = 0,
+                 timestamps: Optional[bool] = None, sot_index: Optional[int] = None) -> GenerateOutput:
+        """Greedy (temperature 0) or sampled decoding of a batch of encoder outputs."""
+        prompt, spec, max_new_tokens, sot_index = self._prepare(enc_out, prompt, max_new_tokens, timestamps,
+                                                                sot_index)
+        return self._output(self._generate(self.params, enc_out, prompt, jax.random.PRNGKey(seed), spec=spec,
+                                           max_new_tokens=max_new_tokens, temperature=float(temperature),
+                                           sot_index=sot_index))
+
+    def beam_search(self, enc_out, prompt, max_new_tokens: int = 224, num_beams: int = 5,
+                    length_penalty: Optional[float] = None, timestamps: Optional[bool] = None,
+                    sot_index: Optional[int] = None) -> GenerateOutput:
+        """The best of `num_beams` beams per row (transformers' beam semantics, see beam.py)."""
+        prompt, spec, max_new_tokens, sot_index = self._prepare(enc_out, prompt, max_new_tokens, timestamps,
+                                                                sot_index)
+        return self._output(self._beam(self.params, enc_out, prompt, spec=spec, max_new_tokens=max_new_tokens,
+                                       num_beams=int(num_beams), length_penalty=length_penalty,
+                                       sot_index=sot_index))

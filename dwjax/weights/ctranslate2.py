@@ -76,7 +76,7 @@ def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision:
         f.write(struct.pack("<I", revision))
         f.write(struct.pack("<I", len(variables)))
         for name, arr in variables.items():
-            arr = np.ascontiguousarray(arr)
+            arr = np.asarray(arr, order="C")          # keeps 0-d scalars 0-d
             _write_str(f, name)
             f.write(struct.pack("<B", arr.ndim))
             f.write(struct.pack(f"<{arr.ndim}I", *arr.shape))
