@@ -123,6 +123,9 @@ def main(argv=None) -> int:
             rows.append(dict(b=b, kind=kind, tokens=float(t_out.lengths.mean()), t_dec=t_dec, sp_dec=sp_dec,
                              t_e2e=t_e2e, sp_e2e=sp_e2e, alpha=alpha, c=c,
                              pred=predicted_speedup(alpha, args.k, c)))
+            r = rows[-1]
+            print(f"  batch {b} {kind}: teacher decode {t_dec:.3f}s, speculative {sp_dec:.3f}s, alpha {alpha:.3f}, "
+                  f"c {c:.3f}", flush=True)
     print()
     print("| batch | input | tokens/row | teacher decode s | spec decode s | speed-up | teacher e2e s | spec e2e s "
           "| e2e speed-up | α | c | predicted |")

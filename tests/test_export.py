@@ -357,7 +357,7 @@ def test_export_without_torch_is_clear(teacher, tmp_path, monkeypatch):
 
 def test_alignment_heads_for_students(teacher):
     s = _student(teacher)
-    s_meta = dataclasses.replace(s, metadata={"decoder_layers_from_teacher": [0, teacher.cfg.decoder_layers - 1]})
+    s_meta = dataclasses.replace(s, metadata={"decoder_layer_ids": [0, teacher.cfg.decoder_layers - 1]})
     t_heads = [list(h) for h in teacher.generation["alignment_heads"]]
     last = teacher.cfg.decoder_layers - 1
     assert ex.alignment_heads(teacher) == t_heads

@@ -79,11 +79,32 @@ class Attention(nn.Module):
     def __call__(self, x, k, v, mask):
         """x: (b, t, d) queries; k, v: (b, s, h, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
         q = self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-        scores = jnp.einsum("bthd,bshd->bhts", q, k.astype(q.dtype)).astype(jnp.float32)
-        if mask is not None:
-            scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        return self.out(jnp.einsum("bhts,bshd->bthd", probs, v.astype(self.dtype)))
+        return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
+
+
+QUERY_CHUNK = 300   # long unmasked attention (the encoder's 1500 positions) runs in query blocks of this size
+
+
+def attend(q, k, v, mask, dtype):
+    """softmax(q k^T) v over heads-major layouts (plain batched matmuls are 2x faster than the einsum forms on
+    CPU); long unmasked queries go block by block so each block's scores stay in cache."""
+    b, t, h, d = q.shape
+    qt, kt, vt = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+
+    def block(qc, m):
+        scores = jnp.matmul(qc, kt).astype(jnp.float32)
+        if m is not None:
+            scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(dtype), vt)
+
+    if mask is None and t > QUERY_CHUNK and t % QUERY_CHUNK == 0:
+        n = t // QUERY_CHUNK
+        blocks = qt.reshape(b, h, n, QUERY_CHUNK, d).transpose(2, 0, 1, 3, 4)
+        out = jax.lax.map(lambda qc: block(qc, None), blocks)            # (n, b, h, chunk, d)
+        out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, t, d)
+    else:
+        out = block(qt, mask)
+    return out.transpose(0, 2, 1, 3)
 
 
 class MLP(nn.Module):

@@ -69,7 +69,9 @@ def read_model_bin(source) -> tuple[str, dict[str, np.ndarray]]:
             f.close()
 
 
-def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision: int = 3) -> None:
+def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision: int = 3,
+                    aliases: dict[str, str] | None = None) -> None:
+    aliases = aliases or {}
     with open(path, "wb") as f:
         f.write(struct.pack("<I", BINARY_VERSION))
         _write_str(f, spec)
@@ -83,7 +85,10 @@ def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision:
             f.write(struct.pack("<B", _DTYPE_IDS[arr.dtype]))
             f.write(struct.pack("<I", arr.nbytes))
             f.write(arr.tobytes())
-        f.write(struct.pack("<I", 0))
+        f.write(struct.pack("<I", len(aliases)))
+        for alias, target in aliases.items():
+            _write_str(f, alias)
+            _write_str(f, target)
 
 
 def read_split(paths) -> tuple[str, dict[str, np.ndarray]]:

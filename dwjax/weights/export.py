@@ -20,7 +20,7 @@ Files written into the output directory:
 Alignment heads (cross-attention heads that follow the audio, used for word timestamps): the model's own heads
 when they all exist in its decoder. A student with fewer decoder layers than its teacher carries the teacher's
 heads; when its metadata names the teacher layer each decoder layer came from
-(`metadata["decoder_layers_from_teacher"]`, e.g. [0, 3]) the teacher heads of those layers are kept, renumbered;
+(`metadata["decoder_layer_ids"]`, e.g. [0, 3]) the teacher heads of those layers are kept, renumbered;
 otherwise every head of the last half of the decoder layers is used (OpenAI's default when a model has none).
 
 Everything is written into a temporary directory beside the target and renamed into place at the end, so a failed
@@ -77,7 +77,7 @@ def alignment_heads(model: LoadedModel) -> list[list[int]]:
     heads = [[int(l), int(h)] for l, h in (model.generation or {}).get("alignment_heads") or []]
     if heads and all(0 <= l < n_layers and 0 <= h < n_heads for l, h in heads):
         return heads
-    origin = (model.metadata or {}).get("decoder_layers_from_teacher")
+    origin = (model.metadata or {}).get("decoder_layer_ids")          # written by init-student
     if heads and origin and len(origin) == n_layers:
         where = {int(t): s for s, t in enumerate(origin)}
         kept = [[where[l], h] for l, h in heads if l in where and h < n_heads]
@@ -234,32 +234,9 @@ def ct2_variables(model: LoadedModel, dtype: str = "float32") -> dict[str, np.nd
 CT2_ALIASES = {"decoder/projection/weight": "decoder/embeddings/weight"}   # the tied output projection
 
 
-def _write_ct2_bin(path: Path, variables: dict, aliases: dict) -> None:
-    """`ctranslate2.write_model_bin` when it writes aliases; until then the same layout written here (that writer
-    has no alias table and turns 0-d scalars into rank-1 arrays, which CTranslate2 rejects)."""
-    import inspect
-    if "aliases" in inspect.signature(ctranslate2.write_model_bin).parameters:
-        ctranslate2.write_model_bin(path, "WhisperSpec", variables, revision=CT2_REVISION, aliases=aliases)
-        return
-    import struct
-    with open(path, "wb") as f:
-        f.write(struct.pack("<I", ctranslate2.BINARY_VERSION))
-        ctranslate2._write_str(f, "WhisperSpec")
-        f.write(struct.pack("<II", CT2_REVISION, len(variables)))
-        for name, arr in variables.items():
-            arr = np.asarray(arr, order="C")
-            ctranslate2._write_str(f, name)
-            f.write(struct.pack(f"<B{arr.ndim}I", arr.ndim, *arr.shape))
-            f.write(struct.pack("<BI", ctranslate2._DTYPE_IDS[arr.dtype], arr.nbytes))
-            f.write(arr.tobytes())
-        f.write(struct.pack("<I", len(aliases)))
-        for alias, target in aliases.items():
-            ctranslate2._write_str(f, alias)
-            ctranslate2._write_str(f, target)
-
-
 def write_ct2(model: LoadedModel, directory: Path, dtype: str = "float32") -> None:
-    _write_ct2_bin(directory / "model.bin", ct2_variables(model, dtype), CT2_ALIASES)
+    ctranslate2.write_model_bin(directory / "model.bin", "WhisperSpec", ct2_variables(model, dtype),
+                                revision=CT2_REVISION, aliases=CT2_ALIASES)
     _write_json(directory / "config.json", _generation_for_ct2(model))
     model.tokenizer.save(directory)
     write_tokenizer_json(model.tokenizer, directory)

@@ -162,6 +162,37 @@ def _load_dwjax(directory: Path) -> LoadedModel:
                        str(directory), meta.get("metadata", {}))
 
 
+def _load_checkpoint(path: Path) -> LoadedModel:
+    """The student parameters of a training checkpoint: a run directory (newest complete checkpoint), its
+    checkpoints/ directory, or one step directory. The student's shape and tokenizer come from the run's
+    model.student directory recorded in the checkpoint's config."""
+    from dwjax import checkpoint as ckpt
+    from dwjax.config import CheckpointConfig
+    if (path / "state").is_dir() and path.name.isdigit():
+        directory, step = path.parent, int(path.name)
+    else:
+        directory, step = (path if path.name == "checkpoints" else ckpt.checkpoint_dir(path)), None
+    c = ckpt.Checkpointer(directory, CheckpointConfig(), read_only=True)
+    step = c.latest_step() if step is None else step
+    if step is None:
+        raise WeightsError(f"{path}: no complete checkpoint")
+    meta = json.loads((c.step_dir(step) / "meta" / "metadata").read_text())
+    student_dir = (meta.get("config") or {}).get("model", {}).get("student")
+    if not student_dir:
+        raise WeightsError(f"{path}: the checkpoint does not record model.student; cannot rebuild the student")
+    base = load_model(student_dir)
+    state, _, _ = c.restore(step)
+    params = state["params"] if isinstance(state, dict) else state.params
+    params = {k: jax_tree_to_numpy(v) for k, v in params.items()}
+    return dataclasses.replace(base, params=params, source=f"{path} (step {step})",
+                               metadata=dict(base.metadata, checkpoint_step=step))
+
+
+def jax_tree_to_numpy(tree):
+    import jax
+    return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
+
+
 def save_dwjax(directory, cfg: WhisperConfig, params, tokenizer, generation: dict, metadata: dict | None = None):
     """Write a dwjax model directory (loadable by `load_model`)."""
     from safetensors.numpy import save_file
@@ -193,6 +224,12 @@ def load_model(name_or_path: str) -> LoadedModel:
             raise WeightsError(f"{path}: a model file must be an OpenAI .pt; otherwise give the model directory")
         if (path / "dwjax_config.json").exists():
             return _load_dwjax(path)
+        if (path / "student" / "dwjax_config.json").exists():        # a finished `dwjax distill` run
+            return _load_dwjax(path / "student")
+        if (path / "checkpoints").is_dir() or path.name == "checkpoints" or (path / "state").is_dir():
+            return _load_checkpoint(path)
+        if (path / "model.pt").exists():                              # an OpenAI export directory
+            return _load_openai(path / "model.pt")
         if (path / "model.bin").exists():
             return _load_ct2(path, [path / "model.bin"], str(path))
         if (path / "config.json").exists() and ((path / "model.safetensors").exists()
