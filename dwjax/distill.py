@@ -33,15 +33,16 @@ from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 CPU_PEAK_FLOPS = 140e9     # this project's reference CPU (2 cores, fp32); set DWJAX_PEAK_FLOPS for others
 
 
-def peak_flops() -> float:
+def peak_flops(devices=None) -> float:
     if "DWJAX_PEAK_FLOPS" in os.environ:
         return float(os.environ["DWJAX_PEAK_FLOPS"])
-    kind = jax.devices()[0].device_kind.lower()
+    devices = list(jax.devices() if devices is None else devices)
+    kind = devices[0].device_kind.lower()
     table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5e": 197e12, "v5p": 459e12,
              "v6e": 918e12}
     for key, value in table.items():
         if key in kind:
-            return value * jax.device_count()
+            return value * len(devices)
     return CPU_PEAK_FLOPS
 
 
@@ -97,11 +98,59 @@ def _evaluate_wer(student: LoadedModel, teacher: LoadedModel, eval_sets, max_sam
     return out
 
 
-def run(cfg: Config) -> dict:
+def _host(tree):
+    """A pytree of (possibly multi-process sharded) arrays as numpy on every process. A collective when some leaf is
+    not fully addressable (FSDP over processes): call it on every process."""
+    leaves = jax.tree_util.tree_leaves(tree)
+    if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False) for x in leaves):
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
+def _set_aside_newer(checkpointer: ckpt_lib.Checkpointer, restored: int, cfg: Config) -> ckpt_lib.Checkpointer:
+    """After a fallback to `restored`, rename the damaged newer step directories to `<step>.corrupt-<time>` (kept
+    for inspection, invisible to step listing) so that those steps are written afresh; returns a reopened
+    checkpointer. Without this the manager still lists the damaged step and skips saving it again."""
+    newer = [s for s in checkpointer.all_steps() if s > restored]
+    if not newer:
+        return checkpointer
+    if mesh_lib.is_main_process():
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for s in newer:
+            src = checkpointer.step_dir(s)
+            dst = src.with_name(f"{s}.corrupt-{stamp}")
+            os.replace(src, dst)
+            _log(f"checkpoint step {s} is damaged: moved to {dst}")
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices("dwjax-set-aside-corrupt-checkpoints")
+    directory = checkpointer.directory
+    checkpointer.close()
+    return ckpt_lib.Checkpointer(directory, cfg)
+
+
+#: per-step ids of the examples each process trained on, in the log directory (one JSON line per step)
+BATCH_LOG = "batches.jsonl"
+
+
+def batch_log_name(process_index: int) -> str:
+    """`batches.jsonl` for process 0, `batches.process<i>.jsonl` for the others (global batch = concatenation)."""
+    return BATCH_LOG if process_index == 0 else f"batches.process{process_index}.jsonl"
+
+
+def run(cfg: Config, *, devices=None) -> dict:
+    """The distillation run (module docstring). `devices`: run on these (local) devices instead of all of them
+    (single-process only; tests use it to change the device count between a run and its resumption)."""
     mesh_lib.initialize_distributed()
-    n_dev, n_proc = jax.device_count(), jax.process_count()
+    if devices is not None:
+        devices = list(devices)
+        if jax.process_count() > 1:
+            raise UserError("run(devices=...) is for single-process runs")
+    n_dev, n_proc = (len(devices) if devices is not None else jax.device_count()), jax.process_count()
     shape = validate_for_devices(cfg, n_dev, n_proc)
-    mesh = mesh_lib.make_mesh(cfg.mesh)
+    mesh = mesh_lib.make_mesh(cfg.mesh, devices)
+    ckpt_lib.reset_stop()          # a stop requested in an earlier run of this process does not carry over
     out_dir = cfg.run.output_dir
     if not cfg.data.train:
         raise UserError("no training data: set data.train (a list of {name, path, weight}) to pseudo-label outputs")
@@ -131,7 +180,8 @@ def run(cfg: Config) -> dict:
     global_batch = cfg.train.per_device_batch_size * n_dev * accum
     batches = TrainBatches(sets, LabelEncoder(tok, length, cfg.data.timestamp_probability), global_batch,
                            cfg.data.seed, jax.process_index(), n_proc, cfg.data.num_workers)
-    mesh_lib.banner(cfg, global_batch)
+    if devices is None:
+        mesh_lib.banner(cfg, global_batch)
     _log(f"labels padded to {length} tokens; global batch {global_batch} "
          f"({cfg.train.per_device_batch_size}/device x {n_dev} devices x {accum} accumulation); mesh {shape}")
 
@@ -147,6 +197,11 @@ def run(cfg: Config) -> dict:
     if start.kind == "resume":
         state, position, meta = checkpointer.restore_latest_valid(abstract)
         start_step = int(position.get("step", int(state.step)))
+        checkpointer = _set_aside_newer(checkpointer, start_step, cfg)
+        for key, now in (("seed", cfg.data.seed), ("global_batch", global_batch)):
+            if key in position and position[key] != now:
+                _log(f"warning: the checkpoint's data position has {key} {position[key]} but this run has {now}: "
+                     f"the data stream is not the one the interrupted run would have seen")
         _log(f"resuming from {checkpointer.directory} at step {start_step}")
     elif start.kind == "init_from":
         src = ckpt_lib.Checkpointer(start.path, cfg, read_only=True)
@@ -166,15 +221,18 @@ def run(cfg: Config) -> dict:
                          cfg.logging.tensorboard, cfg.logging.wandb, cfg.run.name, to_dict(cfg))
     logs.write(start_step, {f"data/{n}/{k}": v for n, c in counts.items() for k, v in c.items()})
     features = Features(teacher.cfg.n_mels)
+    log_dir = cfg.logging.output_dir or os.path.join(out_dir, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    batch_log = open(os.path.join(log_dir, batch_log_name(jax.process_index())), "a", buffering=1)
     restore_signals = ckpt_lib.install_preemption_handler()
     total = cfg.optim.total_steps
     flops_step = global_batch * (length * (decoder_flops_per_token(student.cfg, True)
                                            + decoder_flops_per_token(teacher.cfg, False))
                                  + encoder_flops(teacher.cfg))
-    peak = peak_flops()
+    peak = peak_flops(devices)
 
     def current_student() -> LoadedModel:
-        params = jax.device_get(state.params)
+        params = _host(state.params)
         return dataclasses.replace(student, params=params)
 
     def evaluate(step: int, with_teacher: bool) -> dict:
@@ -198,6 +256,7 @@ def run(cfg: Config) -> dict:
                 batch = {"input_features": features(local["audio"]), "decoder_input_ids": local["decoder_input_ids"],
                          "labels": local["labels"], "loss_mask": local["loss_mask"]}
                 state, metrics = steps.train_step(state, teacher_params, steps.put_batch(batch))
+                batch_log.write(json.dumps({"step": step + 1, "ids": list(local["ids"])}) + "\n")
                 step += 1
                 n_steps += 1
                 bar.update(1)
@@ -215,7 +274,7 @@ def run(cfg: Config) -> dict:
                 stop = ckpt_lib.should_stop(step)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                     last_eval = evaluate(step, with_teacher=not last_eval)
-                checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed},
+                checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed, "global_batch": global_batch},
                                   metrics={"wer": _mean_wer(last_eval)} if last_eval else None,
                                   force=stop or step == total)
                 if stop:
@@ -228,14 +287,17 @@ def run(cfg: Config) -> dict:
         checkpointer.wait_until_finished()
         restore_signals()
         bar.close()
+        batch_log.close()
+        batches.close()
 
     if step >= total:
         final = evaluate(step, with_teacher=True)
         summary["eval"] = final
+        final_params = _host(state.params)            # every process (a collective under multi-process FSDP)
         if mesh_lib.is_main_process():
             final_dir = os.path.join(out_dir, "student")
             meta = dict(student.metadata, distilled_steps=step, teacher=cfg.model.teacher)
-            save_dwjax(final_dir, student.cfg, jax.device_get(state.params), student.tokenizer,
+            save_dwjax(final_dir, student.cfg, final_params, student.tokenizer,
                        student.generation, meta)
             _log(f"student written to {final_dir}")
     summary["end_step"] = step

@@ -23,7 +23,6 @@ counts that, times the accumulation steps, next to the analytic count of `dwjax/
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import math
 import time
@@ -32,7 +31,7 @@ from typing import Any, Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from dwjax.config import MESH_AXES, Config, override, validate_for_devices
 from dwjax.errors import ConfigError

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import dataclasses
+import functools
 import math
 from typing import Optional, Sequence
 
@@ -60,8 +61,9 @@ def read_labelled(name: str, path: str, wer_threshold: float | None, weight: flo
         counts["ok"] += 1
         wer = row.get("wer")                     # a fraction (pseudo_label.py); the threshold is in percent
         wer = None if wer is None else 100.0 * wer
-        has_ref = row.get("reference") not in (None, "")
-        if wer_threshold is not None and has_ref and wer is None:
+        # no WER: the reference is missing or normalises to nothing (pseudo_label.py writes None then); such a
+        # label cannot pass a WER filter, so with the filter on it is dropped (SPEC: drop empty references)
+        if wer_threshold is not None and wer is None:
             counts["dropped_empty_reference"] += 1
             continue
         if wer_threshold is not None and wer is not None and wer > wer_threshold:
@@ -90,8 +92,16 @@ def row_source(sets: Sequence[LabelledSet], seed: int, g: int) -> tuple[int, int
         d = int(np.random.default_rng([seed, g, 1]).choice(len(sets), p=w / w.sum()))
     n = len(sets[d])
     epoch, pos = divmod(g, n)
+    return d, int(_permutation(seed, d, epoch, n)[pos])
+
+
+@functools.lru_cache(maxsize=16)
+def _permutation(seed: int, d: int, epoch: int, n: int) -> np.ndarray:
+    """Dataset d's order in `epoch` (cached: a batch's rows share one or two epochs; without the cache every row
+    drew an O(N) permutation, B x N work per step)."""
     perm = np.random.default_rng([seed, d, epoch]).permutation(n)
-    return d, int(perm[pos])
+    perm.flags.writeable = False
+    return perm
 
 
 class LabelEncoder:
@@ -158,6 +168,11 @@ class TrainBatches:
                 "labels": np.stack([e[1] for e in enc]),
                 "loss_mask": np.stack([e[2] for e in enc]),
                 "ids": [self.sets[d].ids[i] for d, i in rows]}
+
+    def close(self) -> None:
+        """Stop the decoding threads (a pending prefetch is abandoned)."""
+        self.ahead.shutdown(wait=False, cancel_futures=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
     def prefetch(self, start_step: int):
         """Iterator over (step, batch) from start_step, decoding the next batch while the current one trains."""
