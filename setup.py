@@ -45,6 +45,7 @@ setup(
             "faster-whisper>=1.1",
             "ctranslate2>=4.5",
             "datasets>=3",
+            "hypothesis>=6",
         ],
     },
     entry_points={"console_scripts": ["dwjax=dwjax.cli:main"]},

@@ -62,13 +62,19 @@ def encoder_flops(cfg) -> float:
 
 
 class Features:
-    """Log-mel features of a local batch, computed on a local device (jitted once)."""
+    """Log-mel features of a global batch, computed where the batch lives (each device its own rows; jitted once).
 
-    def __init__(self, n_mels: int):
-        self.fn = jax.jit(lambda a: log_mel_spectrogram(a, n_mels=n_mels))
+    Computing them on one device (the default one) put an extra program into device 0's queue between sharded
+    train steps; on CPU with several fake devices this deadlocked the next step's collectives (XLA's rendezvous
+    timeout killed the process), and on accelerators it serialised the features on one chip."""
 
-    def __call__(self, audio: np.ndarray) -> np.ndarray:
-        return np.asarray(self.fn(jnp.asarray(audio)))
+    def __init__(self, n_mels: int, sharding):
+        self.sharding = sharding
+        self.fn = jax.jit(lambda a: log_mel_spectrogram(a, n_mels=n_mels), in_shardings=sharding,
+                          out_shardings=sharding)
+
+    def __call__(self, local_audio: np.ndarray) -> jax.Array:
+        return self.fn(jax.make_array_from_process_local_data(self.sharding, np.asarray(local_audio)))
 
 
 def _log(msg: str) -> None:
@@ -220,7 +226,7 @@ def run(cfg: Config, *, devices=None) -> dict:
     logs = MetricsWriter(cfg.logging.output_dir or os.path.join(out_dir, "logs"), cfg.logging.jsonl,
                          cfg.logging.tensorboard, cfg.logging.wandb, cfg.run.name, to_dict(cfg))
     logs.write(start_step, {f"data/{n}/{k}": v for n, c in counts.items() for k, v in c.items()})
-    features = Features(teacher.cfg.n_mels)
+    features = Features(teacher.cfg.n_mels, steps.batch_sharding)
     log_dir = cfg.logging.output_dir or os.path.join(out_dir, "logs")
     os.makedirs(log_dir, exist_ok=True)
     batch_log = open(os.path.join(log_dir, batch_log_name(jax.process_index())), "a", buffering=1)
@@ -253,9 +259,10 @@ def run(cfg: Config, *, devices=None) -> dict:
     try:
         if step < total:
             for step, local in batches.prefetch(start_step):
-                batch = {"input_features": features(local["audio"]), "decoder_input_ids": local["decoder_input_ids"],
-                         "labels": local["labels"], "loss_mask": local["loss_mask"]}
-                state, metrics = steps.train_step(state, teacher_params, steps.put_batch(batch))
+                batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local[k]))
+                         for k in ("decoder_input_ids", "labels", "loss_mask")}
+                batch["input_features"] = features(local["audio"])
+                state, metrics = steps.train_step(state, teacher_params, batch)
                 batch_log.write(json.dumps({"step": step + 1, "ids": list(local["ids"])}) + "\n")
                 step += 1
                 n_steps += 1

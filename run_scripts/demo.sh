@@ -62,5 +62,9 @@ dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   run.output_dir="$out/distill" optim.total_steps="$steps" optim.warmup_steps=$((steps / 10)) \
   optim.learning_rate=3e-4 train.per_device_batch_size="$batch" train.log_every=10 train.eval_every=0 \
   checkpoint.save_every=100 train.max_eval_samples=64
-dwjax evaluate --model "$teacher" --model "$out/distill/student" --data "test=$out/data/test.jsonl" \
-  --output "$out/results.json"
+for who in teacher student; do
+  model="$teacher"; [ "$who" = student ] && model="$out/distill/student"
+  dwjax evaluate --model "$model" --data "test=$out/data/test.jsonl" --output "$out/eval-$who.json"
+done
+dwjax report "$out/eval-teacher.json" "$out/eval-student.json" --output "$out/report"
+echo "demo finished: $out/report/report.md"

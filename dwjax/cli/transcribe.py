@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=224)
     p.add_argument("--beams", type=int, default=1, help="beam search width (1 = greedy)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    p.add_argument("--long-form", choices=["chunked", "sequential"], default="chunked",
+                   help="how audio over 30 s is transcribed: batched overlapping chunks, or OpenAI's sequential "
+                        "windows with temperature fallback")
     p.add_argument("--chunk-length", type=float, default=None,
                    help="seconds per chunk for audio over 30 s (default 30 for Whisper, 15 for students)")
     return p
@@ -71,8 +74,7 @@ def main(argv=None) -> int:
               max_new_tokens=args.max_new_tokens, temperature=args.temperature)
     if args.beams > 1:
         kw["num_beams"] = args.beams
-    if args.chunk_length:
-        kw["chunk_length"] = args.chunk_length
+    kw.update(chunk_length=args.chunk_length, long_form=args.long_form)
     if args.assistant:
         from dwjax.decoding.speculative import SpeculativeTranscriber
         transcriber = SpeculativeTranscriber(transcriber, args.assistant)

@@ -310,50 +310,21 @@ class SpeculativeTranscriber:
     def transcribe_batch(self, audios: Sequence[np.ndarray], language: Optional[str] = None,
                          task: str = "transcribe", timestamps: bool = False, max_new_tokens: int = 224,
                          temperature: float = 0.0, seed: int = 0, num_beams: int = 1, **_):
-        from dwjax.decoding.transcribe import Transcript, compression_ratio
         if temperature > 0 or num_beams > 1:
             return self.transcriber.transcribe_batch(audios, language=language, task=task, timestamps=timestamps,
                                                      max_new_tokens=max_new_tokens, temperature=temperature,
                                                      seed=seed, num_beams=num_beams)
         tr = self.transcriber
-        n = len(audios)
-        padded = list(audios) + [np.zeros(SAMPLE_RATE, np.float32)] * (tr.batch_size - n) if n < tr.batch_size \
-            else list(audios)
+        padded = tr.pad(audios)
         t_enc, s_enc = self.engine.encode(tr.features(padded))
         langs = tr._languages(t_enc, language, len(padded))
         prompts = np.array([tr.prompt(lang, task, timestamps) for lang in langs], np.int32)
         out = self.generate(None, prompts, max_new_tokens=max_new_tokens, timestamps=timestamps,
                             encoded=(t_enc, s_enc))
-        results = []
-        for i in range(n):
-            ids = out.tokens[i, : out.lengths[i]].tolist()
-            text = tr.tokenizer.decode(ids).strip()
-            dur = len(audios[i]) / SAMPLE_RATE
-            segs = tr.tokenizer.segments(ids, duration=dur) if timestamps else []
-            results.append(Transcript(text=text, tokens=ids, language=langs[i],
-                                      avg_logprob=float(out.avg_logprob[i]),
-                                      no_speech_prob=float(out.no_speech_prob[i]),
-                                      compression_ratio=compression_ratio(text), duration_s=dur, segments=segs))
-        return results
+        return tr.transcripts(out, audios, langs, timestamps)
 
     def transcribe(self, audios: Sequence[np.ndarray], progress=None, chunk_length=None, long_form="chunked",
                    **kw):
-        """Any number of clips; clips over 30 s go to `dwjax.decoding.longform.transcribe_long` (which batches
-        chunks through this object's `transcribe_batch`)."""
-        from dwjax.audio import N_SAMPLES
-        results = [None] * len(audios)
-        short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
-        for start in range(0, len(short), self.transcriber.batch_size):
-            idx = short[start: start + self.transcriber.batch_size]
-            for i, r in zip(idx, self.transcribe_batch([audios[i] for i in idx], **kw)):
-                results[i] = r
-            if progress is not None:
-                progress(idx)
-        long_ = [i for i, a in enumerate(audios) if len(a) > N_SAMPLES]
-        if long_:
-            from dwjax.decoding.longform import transcribe_long
-            for i in long_:
-                results[i] = transcribe_long(self, audios[i], method=long_form, chunk_length=chunk_length, **kw)
-                if progress is not None:
-                    progress([i])
-        return results
+        """Any number of clips (long ones chunked through this object's `transcribe_batch`)."""
+        from dwjax.decoding.transcribe import transcribe_all
+        return transcribe_all(self, self.transcriber.batch_size, audios, progress, chunk_length, long_form, **kw)

@@ -82,24 +82,16 @@ class Transcriber:
         idx = self.generator.detect_language(enc_out, [self.tokenizer.languages[c] for c in codes])
         return [codes[i] for i in idx[:n]]
 
-    def transcribe_batch(self, audios: Sequence[np.ndarray], language: Optional[str] = None,
-                         task: str = "transcribe", timestamps: bool = False, max_new_tokens: int = 224,
-                         temperature: float = 0.0, seed: int = 0, num_beams: int = 1) -> list[Transcript]:
-        """One padded batch of <= batch_size clips of <= 30 s each."""
+    def pad(self, audios: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """The clips plus silent fillers up to the batch size (one compiled bucket)."""
         n = len(audios)
-        padded = list(audios) + [np.zeros(SAMPLE_RATE, np.float32)] * (self.batch_size - n) if n < self.batch_size \
-            else list(audios)
-        enc = self.generator.encode(self.features(padded))
-        langs = self._languages(enc, language, len(padded))
-        prompts = np.array([self.prompt(lang, task, timestamps) for lang in langs], np.int32)
-        if num_beams > 1:
-            out = self.generator.beam_search(enc, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
-                                             timestamps=timestamps)
-        else:
-            out = self.generator.generate(enc, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
-                                          seed=seed, timestamps=timestamps)
+        return list(audios) + [np.zeros(SAMPLE_RATE, np.float32)] * (self.batch_size - n) \
+            if n < self.batch_size else list(audios)
+
+    def transcripts(self, out, audios: Sequence[np.ndarray], langs, timestamps: bool) -> list[Transcript]:
+        """`Transcript`s of the first len(audios) rows of a `GenerateOutput`."""
         results = []
-        for i in range(n):
+        for i in range(len(audios)):
             ids = out.tokens[i, : out.lengths[i]].tolist()
             text = self.tokenizer.decode(ids).strip()
             dur = len(audios[i]) / SAMPLE_RATE
@@ -110,25 +102,47 @@ class Transcriber:
                                       compression_ratio=compression_ratio(text), duration_s=dur, segments=segs))
         return results
 
-    def transcribe(self, audios: Sequence[np.ndarray], progress=None, **kw) -> list[Transcript]:
-        """Any number of clips; clips over 30 s use chunked long-form decoding."""
-        results: list[Optional[Transcript]] = [None] * len(audios)
-        short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
-        long_ = [i for i, a in enumerate(audios) if len(a) > N_SAMPLES]
-        # sort by length so batches hold similar clips (helps nothing on compute, but keeps outputs stable)
-        for start in range(0, len(short), self.batch_size):
-            idx = short[start: start + self.batch_size]
-            for i, r in zip(idx, self.transcribe_batch([audios[i] for i in idx], **kw)):
-                results[i] = r
+    def transcribe_batch(self, audios: Sequence[np.ndarray], language: Optional[str] = None,
+                         task: str = "transcribe", timestamps: bool = False, max_new_tokens: int = 224,
+                         temperature: float = 0.0, seed: int = 0, num_beams: int = 1) -> list[Transcript]:
+        """One padded batch of <= batch_size clips of <= 30 s each."""
+        padded = self.pad(audios)
+        enc = self.generator.encode(self.features(padded))
+        langs = self._languages(enc, language, len(padded))
+        prompts = np.array([self.prompt(lang, task, timestamps) for lang in langs], np.int32)
+        if num_beams > 1:
+            out = self.generator.beam_search(enc, prompts, num_beams=num_beams, max_new_tokens=max_new_tokens,
+                                             timestamps=timestamps)
+        else:
+            out = self.generator.generate(enc, prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                          seed=seed, timestamps=timestamps)
+        return self.transcripts(out, audios, langs, timestamps)
+
+    def transcribe(self, audios: Sequence[np.ndarray], progress=None, chunk_length=None, long_form="chunked",
+                   **kw) -> list[Transcript]:
+        return transcribe_all(self, self.batch_size, audios, progress, chunk_length, long_form, **kw)
+
+
+def transcribe_all(engine, batch_size: int, audios: Sequence[np.ndarray], progress=None, chunk_length=None,
+                   long_form: str = "chunked", **kw) -> list[Transcript]:
+    """Any number of clips through `engine.transcribe_batch` (a Transcriber or a SpeculativeTranscriber); clips
+    over 30 s go to long-form decoding (`long_form`: "chunked" or "sequential")."""
+    results: list[Optional[Transcript]] = [None] * len(audios)
+    short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
+    for start in range(0, len(short), batch_size):
+        idx = short[start: start + batch_size]
+        for i, r in zip(idx, engine.transcribe_batch([audios[i] for i in idx], **kw)):
+            results[i] = r
+        if progress is not None:
+            progress(idx)
+    long_ = [i for i, a in enumerate(audios) if len(a) > N_SAMPLES]
+    if long_:
+        from dwjax.decoding.longform import transcribe_long
+        for i in long_:
+            results[i] = transcribe_long(engine, audios[i], method=long_form, chunk_length=chunk_length, **kw)
             if progress is not None:
-                progress(idx)
-        if long_:
-            from dwjax.decoding.longform import transcribe_long
-            for i in long_:
-                results[i] = transcribe_long(self, audios[i], **kw)
-                if progress is not None:
-                    progress([i])
-        return results
+                progress([i])
+    return results
 
 
 def jnp_tree(params):
