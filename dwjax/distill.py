@@ -62,11 +62,8 @@ def encoder_flops(cfg) -> float:
 
 
 class Features:
-    """Log-mel features of a global batch, computed where the batch lives (each device its own rows; jitted once).
-
-    Computing them on one device (the default one) put an extra program into device 0's queue between sharded
-    train steps; on CPU with several fake devices this deadlocked the next step's collectives (XLA's rendezvous
-    timeout killed the process), and on accelerators it serialised the features on one chip."""
+    """Log-mel features of a global batch, computed where the batch lives: each device its own rows (jitted once),
+    rather than the whole local batch on one device."""
 
     def __init__(self, n_mels: int, sharding):
         self.sharding = sharding

@@ -200,23 +200,37 @@ def transcribe_chunked(transcriber, audio: np.ndarray, chunk_length: Optional[fl
 
 
 def _generate_window(transcriber, window: np.ndarray, prompt: list[int], sot_index: int, temperature: float,
-                     max_new_tokens: int, seed: int):
+                     max_new_tokens: int, seed: int, best_of: int = 1):
+    """(ids, avg_logprob, no_speech_prob) of one window. With temperature > 0, `best_of` samples are drawn (one
+    batch over the same encoder output) and the one with the highest mean log-probability is kept (OpenAI)."""
     mel = transcriber.features([window])
     if temperature == 0.0 and hasattr(transcriber, "engine"):     # SpeculativeTranscriber
-        return transcriber.generate(mel, np.asarray([prompt], np.int32), max_new_tokens=max_new_tokens,
-                                    timestamps=True, sot_index=sot_index)
-    gen = transcriber.generator
-    return gen.generate(gen.encode(mel), np.asarray([prompt], np.int32), max_new_tokens=max_new_tokens,
-                        temperature=temperature, seed=seed, timestamps=True, sot_index=sot_index)
+        out = transcriber.generate(mel, np.asarray([prompt], np.int32), max_new_tokens=max_new_tokens,
+                                   timestamps=True, sot_index=sot_index)
+    else:
+        gen = transcriber.generator
+        enc = gen.encode(mel)
+        n = max(1, int(best_of)) if temperature > 0 else 1
+        if n > 1:
+            import jax.numpy as jnp
+            enc = jnp.repeat(enc, n, axis=0)
+        out = gen.generate(enc, np.asarray([prompt] * n, np.int32), max_new_tokens=max_new_tokens,
+                           temperature=temperature, seed=seed, timestamps=True, sot_index=sot_index)
+    lengths = np.asarray(out.lengths)
+    scores = np.asarray(out.sum_logprob) / np.maximum(lengths, 1)
+    i = int(np.argmax(scores))
+    return out.tokens[i, : lengths[i]].tolist(), float(out.avg_logprob[i]), float(out.no_speech_prob[i])
 
 
 def transcribe_sequential(transcriber, audio: np.ndarray, language: Optional[str] = None, task: str = "transcribe",
                           temperatures: Sequence[float] = TEMPERATURES, compression_ratio_threshold: float = 2.4,
                           logprob_threshold: float = -1.0, no_speech_threshold: float = 0.6,
                           condition_on_previous_text: bool = False, max_new_tokens: int = 224, seed: int = 0,
-                          timestamps: bool = True, prompt_bucket: int = 16, **_):
-    """OpenAI's sequential algorithm. The previous-text prompt is cut to a multiple of `prompt_bucket` tokens (at
-    most 223) so that the number of compiled prompt lengths stays small."""
+                          timestamps: bool = True, prompt_bucket: int = 16, best_of: int = 5, **_):
+    """OpenAI's sequential algorithm, `best_of` samples per fallback temperature. When every temperature fails,
+    the result with the best mean log-probability is kept, preferring those under the compression threshold (as
+    faster-whisper does), never simply the last, highest-temperature one. The previous-text prompt is cut to a
+    multiple of `prompt_bucket` tokens (at most 223) so that the number of compiled prompt lengths stays small."""
     from dwjax.decoding.transcribe import compression_ratio
     tok = transcriber.tokenizer
     tb, eot = tok.timestamp_begin, tok.eot
@@ -234,16 +248,23 @@ def transcribe_sequential(transcriber, audio: np.ndarray, language: Optional[str
         keep = min(len(prev), 223) // prompt_bucket * prompt_bucket
         prompt = ([tok.sot_prev] + prev[len(prev) - keep:] if keep else []) + base
         sot_index = prompt.index(tok.sot)
+        tried = []                           # (avg_logprob, below the compression threshold, result)
         for temperature in temperatures:
-            out = _generate_window(transcriber, window, prompt, sot_index, float(temperature), max_new_tokens, seed)
-            ids = out.tokens[0, : out.lengths[0]].tolist()
-            avg_lp, no_speech = float(out.avg_logprob[0]), float(out.no_speech_prob[0])
+            ids, avg_lp, no_speech = _generate_window(transcriber, window, prompt, sot_index, float(temperature),
+                                                      max_new_tokens, seed, best_of)
             cr = compression_ratio(tok.decode(ids))
+            tried.append((avg_lp, cr <= compression_ratio_threshold, (ids, avg_lp, no_speech)))
             fallback = cr > compression_ratio_threshold or avg_lp < logprob_threshold
             if no_speech > no_speech_threshold and avg_lp < logprob_threshold:
                 fallback = False             # silence: no point retrying
             if not fallback:
                 break
+        else:
+            # every temperature failed: keep the most probable result (preferring those that are not too
+            # repetitive), not the last one -- a single high-temperature sample is usually the worst of all (e.g.
+            # genuinely repeated speech fails the compression test at every temperature)
+            pool = [t for t in tried if t[1]] or tried
+            ids, avg_lp, no_speech = max(pool, key=lambda t: t[0])[2]
         if no_speech > no_speech_threshold and avg_lp <= logprob_threshold:
             seek += len(window)              # skip a silent window
             continue
@@ -296,7 +317,7 @@ def transcribe_long(transcriber, audio: np.ndarray, method: str = "chunked", chu
     audio = np.asarray(audio, np.float32)
     if method == "chunked":
         for key in ("temperatures", "compression_ratio_threshold", "logprob_threshold", "no_speech_threshold",
-                    "condition_on_previous_text", "prompt_bucket"):
+                    "condition_on_previous_text", "prompt_bucket", "best_of"):
             kw.pop(key, None)
         return transcribe_chunked(transcriber, audio, chunk_length=chunk_length, **kw)
     if method == "sequential":
