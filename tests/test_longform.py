@@ -223,3 +223,68 @@ def test_long_recording_sequential(long_case):
     assert seq_wer <= short_wer + 0.03
     starts = [s["start"] for s in t.segments]
     assert starts == sorted(starts) and starts[-1] > 150
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# sequential: the temperature fallback's choice (fake windows) and a ~50 s recording with builtin tiny.en
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _SeqTokenizer(FakeTokenizer):
+    sot_prev = 50_003
+
+
+def test_sequential_fallback_keeps_best_result_not_last(monkeypatch):
+    """Genuinely repeated speech fails the compression test at every temperature; the kept result must be the most
+    probable one (here the greedy one), not the last, highest-temperature sample."""
+    import dwjax.decoding.longform as lf
+    tok = _SeqTokenizer()
+    tb = tok.timestamp_begin
+    repeated = [tb] + [1, 2, 3, 4] * 30 + [tb + 1400, tb + 1400]          # compression ratio well above 2.4
+    garbage = [tb, 7, 8, 9, tb + 200]                                     # poor log-probability, low ratio
+    calls = []
+
+    def fake_window(transcriber, window, prompt, sot_index, temperature, max_new_tokens, seed, best_of=1):
+        calls.append(temperature)
+        if temperature == 1.0:
+            return garbage, -3.3, 0.1
+        return repeated, -0.2 - temperature / 10, 0.1
+
+    monkeypatch.setattr(lf, "_generate_window", fake_window)
+    fake = SimpleNamespace(tokenizer=tok, prompt=lambda lang, task, ts: [tok.sot])
+    audio = np.zeros(40 * SAMPLE_RATE, np.float32)
+    t = transcribe_long(fake, audio, method="sequential", timestamps=True)
+    assert calls[:6] == [0.0, 0.2, 0.4, 0.6, 0.8, 1.0]
+    assert "w7" not in t.text and t.text.startswith("w1 w2 w3 w4")
+    # the window advanced to the last timestamp pair (28 s); the second window starts there
+    assert t.segments[0]["start"] == 0.0 and t.segments[0]["end"] == 28.0
+    assert t.segments[1]["start"] == 28.0
+
+
+def test_sequential_recording_matches_chunked_and_short_form(tmp_path):
+    """~50 s of different synthesised sentences: sequential WER close to chunked and short-form, and the windows
+    cover the whole recording (segment ends non-decreasing, the last near the end)."""
+    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.text.wer import wer
+    from tests.helpers import synthesize
+    clips = synthesize(tmp_path, 14)
+    pause = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
+    audio = np.concatenate([np.concatenate([a, pause]) for _, a in clips])
+    duration = len(audio) / SAMPLE_RATE
+    assert 40 <= duration <= 60, duration
+    ref = " ".join(t for t, _ in clips)
+    tr = Transcriber("builtin:whisper-tiny.en", batch_size=4)
+    # short-form with timestamps: the same compiled bucket as the chunked decode (which predicts timestamps)
+    short = tr.transcribe([a for _, a in clips], timestamps=True)
+    short_wer = 100 * wer([ref], [" ".join(r.text for r in short)])
+    chunked_wer = 100 * wer([ref], [transcribe_long(tr, audio).text])
+    seq = transcribe_long(tr, audio, method="sequential", timestamps=True)
+    seq_wer = 100 * wer([ref], [seq.text])
+    print(f"{duration:.1f} s: WER short-form {short_wer:.2f}  chunked {chunked_wer:.2f}  sequential {seq_wer:.2f}")
+    assert seq_wer <= 30
+    assert abs(seq_wer - chunked_wer) <= 10 and abs(seq_wer - short_wer) <= 10
+    ends = [s["end"] for s in seq.segments]
+    starts = [s["start"] for s in seq.segments]
+    assert ends == sorted(ends) and starts == sorted(starts)
+    assert all(s["start"] <= s["end"] for s in seq.segments)
+    assert duration - 3.0 <= ends[-1] <= duration + 0.5, (ends[-1], duration)

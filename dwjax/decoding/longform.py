@@ -260,10 +260,12 @@ def transcribe_sequential(transcriber, audio: np.ndarray, language: Optional[str
             if not fallback:
                 break
         else:
-            # every temperature failed: keep the most probable result (preferring those that are not too
-            # repetitive), not the last one -- a single high-temperature sample is usually the worst of all (e.g.
-            # genuinely repeated speech fails the compression test at every temperature)
-            pool = [t for t in tried if t[1]] or tried
+            # every temperature failed: keep the most probable result, never simply the last, highest-temperature
+            # sample (usually the worst: genuinely repeated speech fails the compression test at every
+            # temperature). Prefer results the model is confident about (mean log-probability over the threshold:
+            # the compression test then flags real repetition), else those under the compression threshold
+            # (faster-whisper's rule against repetition loops), else any.
+            pool = [t for t in tried if t[0] >= logprob_threshold] or [t for t in tried if t[1]] or tried
             ids, avg_lp, no_speech = max(pool, key=lambda t: t[0])[2]
         if no_speech > no_speech_threshold and avg_lp <= logprob_threshold:
             seek += len(window)              # skip a silent window
