@@ -38,7 +38,7 @@ import optax
 from dwjax import losses
 from dwjax.config import Config, LossConfig, OptimConfig
 from dwjax.models.configs import WhisperConfig
-from dwjax.models.whisper import Whisper, abstract_params
+from dwjax.models.whisper import Whisper, abstract_params, encode_batch
 
 BATCH_KEYS = ("input_features", "decoder_input_ids", "labels", "loss_mask")
 _ENCODER_FIELDS = ("n_mels", "n_audio_ctx", "d_model", "encoder_layers", "encoder_heads", "ffn_dim")
@@ -122,7 +122,7 @@ def make_models(model_cfg, student_cfg: WhisperConfig, teacher_cfg: WhisperConfi
 
 def _teacher_forward(teacher_model, teacher_params, mb, need_hidden):
     variables = {"params": teacher_params}
-    enc = jax.lax.stop_gradient(teacher_model.apply(variables, mb["input_features"], method="encode"))
+    enc = jax.lax.stop_gradient(encode_batch(teacher_model, teacher_params, mb["input_features"]))
     logits, _, hidden = teacher_model.apply(variables, mb["decoder_input_ids"], enc, None, True, method="decode")
     return enc, jax.lax.stop_gradient(logits), (jax.lax.stop_gradient(hidden) if need_hidden else None)
 

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwjax.decoding.rules import DecodeSpec, apply_rules, jax_log_softmax
-from dwjax.models.whisper import Whisper, init_cache
+from dwjax.models.whisper import Whisper, encode_batch, init_cache
 
 
 @dataclasses.dataclass
@@ -93,7 +93,7 @@ class Generator:
 
     def _encode_impl(self, params, mel):
         self.compilations += 1
-        return self.model.apply({"params": params}, mel, method="encode")
+        return encode_batch(self.model, params, mel)
 
     def _generate_impl(self, params, enc_out, prompt, rng, *, spec, max_new_tokens, temperature, sot_index):
         self.compilations += 1

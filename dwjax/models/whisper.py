@@ -5,8 +5,8 @@ with `nn.scan`; `scan_layers=False` unrolls that same scan fully (faster to comp
 numbers), so weights, checkpoints and exports never depend on the switch.
 
 Decoding uses an explicit KV cache, a pytree passed in and returned (no mutable Flax collections):
-    cache = {"k", "v": (layers, batch, max_len, heads, head_dim),
-             "cross_k", "cross_v": (layers, batch, n_audio_ctx, heads, head_dim) or None before the first call,
+    cache = {"k", "v": (layers, batch, heads, max_len, head_dim),
+             "cross_k", "cross_v": (layers, batch, heads, n_audio_ctx, head_dim) or None before the first call,
              "index": (batch,) int32 — how many positions of each row are filled}
 Rows may stand at different positions (speculative decoding accepts per row); rolling back is lowering `index`.
 """
@@ -74,10 +74,11 @@ class Attention(nn.Module):
                                    bias_init=_init(nn.initializers.zeros, ("embed",)))
 
     def kv(self, source):
-        return self.key(source), self.value(source)
+        """Keys and values of `source` (b, s, d) in heads-major layout (b, h, s, hd), the layout of the cache."""
+        return self.key(source).transpose(0, 2, 1, 3), self.value(source).transpose(0, 2, 1, 3)
 
     def __call__(self, x, k, v, mask):
-        """x: (b, t, d) queries; k, v: (b, s, h, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
+        """x: (b, t, d) queries; k, v: (b, h, s, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
         q = self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
         return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
 
@@ -86,16 +87,17 @@ QUERY_CHUNK = 300   # long unmasked attention (the encoder's 1500 positions) run
 
 
 def attend(q, k, v, mask, dtype):
-    """softmax(q k^T) v over heads-major layouts (plain batched matmuls are 2x faster than the einsum forms on
-    CPU); long unmasked queries go block by block so each block's scores stay in cache."""
+    """softmax(q k^T) v. Keys and values are heads-major (b, h, s, hd), so both products are plain batched
+    matmuls (2x faster than the sequence-major einsums on CPU) and a cache is never transposed; long unmasked
+    queries (the encoder) go block by block so each block's scores stay in cache."""
     b, t, h, d = q.shape
-    qt, kt, vt = q.transpose(0, 2, 1, 3), k.transpose(0, 2, 3, 1), v.transpose(0, 2, 1, 3)
+    qt = q.transpose(0, 2, 1, 3)
 
     def block(qc, m):
-        scores = jnp.matmul(qc, kt).astype(jnp.float32)
+        scores = jnp.einsum("bhtd,bhsd->bhts", qc, k).astype(jnp.float32)
         if m is not None:
             scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
-        return jnp.matmul(jax.nn.softmax(scores, axis=-1).astype(dtype), vt)
+        return jnp.einsum("bhts,bhsd->bhtd", jax.nn.softmax(scores, axis=-1).astype(dtype), v)
 
     if mask is None and t > QUERY_CHUNK and t % QUERY_CHUNK == 0:
         n = t // QUERY_CHUNK
@@ -160,7 +162,7 @@ class DecoderLayer(nn.Module):
         new_cache = None
         if layer_cache is not None:
             # write the new keys/values at each row's own position, then attend over the whole cache
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (i, 0, 0)))
+            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, i, 0)))
             k = write(layer_cache["k"], k, positions[:, 0])
             v = write(layer_cache["v"], v, positions[:, 0])
             new_cache = {"k": k, "v": v}
@@ -239,7 +241,7 @@ class Decoder(nn.Module):
             layer_caches = None
         else:
             positions = cache["index"][:, None] + jnp.arange(t)[None]
-            max_len = cache["k"].shape[2]
+            max_len = cache["k"].shape[3]
             mask = (jnp.arange(max_len)[None, None, :] <= positions[:, :, None])[:, None]
             layer_caches = {k: cache[k] for k in ("k", "v", "cross_k", "cross_v")}
         x = embed(tokens).astype(self.dtype) + jnp.take(pos_table, positions, axis=0).astype(self.dtype)
@@ -281,10 +283,19 @@ class Whisper(nn.Module):
         return self.decoder(tokens, enc_out, cache, return_hidden)
 
 
+def encode_batch(model: "Whisper", params, mel):
+    """The encoder over a batch. On CPU one example at a time (`lax.map`): the same FLOPs, but each example's
+    activations stay in cache (0.6 s vs 0.96 s per base window at batch 8 on a 2-core machine); accelerators
+    take the whole batch at once."""
+    if jax.default_backend() != "cpu" or mel.shape[0] == 1:
+        return model.apply({"params": params}, mel, method="encode")
+    return jax.lax.map(lambda m: model.apply({"params": params}, m[None], method="encode")[0], mel)
+
+
 def init_cache(cfg: WhisperConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
     """An empty decoding cache; the cross-attention keys/values are filled by the first `decode` call."""
     hd = cfg.d_model // cfg.decoder_heads
-    shape = (cfg.decoder_layers, batch, max_len, cfg.decoder_heads, hd)
+    shape = (cfg.decoder_layers, batch, cfg.decoder_heads, max_len, hd)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "cross_k": None, "cross_v": None,
             "index": jnp.zeros((batch,), jnp.int32)}
 
