@@ -299,8 +299,9 @@ class _Teacher:
         import jax.numpy as jnp
 
         from dwjax.decoding.generate import decode_loop
+        from dwjax.models.whisper import encode_batch
         b = mel.shape[0]
-        enc = self.model.apply({"params": params}, mel, method="encode")
+        enc = encode_batch(self.model, params, mel)
         prompt = jnp.broadcast_to(jnp.asarray(self.template, jnp.int32), (b, len(self.template)))
         if self.multilingual:
             lang_ids = jnp.asarray(list(self.tok.languages.values()), jnp.int32)

@@ -325,7 +325,6 @@ def test_corrupt_latest_checkpoint_falls_back_and_continues(assets, reference, t
     assert len(list((out / "checkpoints").glob(f"{2 * N}.corrupt-*"))) == 1
 
 
-@pytest.mark.slow
 def test_two_processes_then_one_process_matches_single_process(assets, tmp_path):
     """2 processes x 2 devices for N steps (checkpoint at N), then 1 process x 4 devices for N more == 4 devices
     throughout, within 1e-5; the batches (both processes' rows, in process order) are the same."""
