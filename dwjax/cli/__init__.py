@@ -15,7 +15,6 @@ COMMANDS = {
     "checkpoint-info": ("dwjax.cli.checkpoint_info", "list the checkpoints of a run"),
     "plan": ("dwjax.cli.plan", "compile steps for a topology on fake devices; print memory and FLOPs"),
     "report": ("dwjax.cli.report", "markdown table and plots from evaluation results"),
-    "bench": ("dwjax.cli.bench", "benchmarks against the peers (transformers, faster-whisper)"),
 }
 
 
