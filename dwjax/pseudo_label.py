@@ -296,23 +296,8 @@ class _Teacher:
         return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
 
     def _step_impl(self, params, mel, lang):
-        import jax.numpy as jnp
-
-        from dwjax.decoding.generate import decode_loop
-        from dwjax.models.whisper import encode_batch
-        b = mel.shape[0]
-        enc = encode_batch(self.model, params, mel)
-        prompt = jnp.broadcast_to(jnp.asarray(self.template, jnp.int32), (b, len(self.template)))
-        if self.multilingual:
-            lang_ids = jnp.asarray(list(self.tok.languages.values()), jnp.int32)
-            logits, _ = self.model.apply({"params": params}, jnp.full((b, 1), self.spec.sot, jnp.int32), enc,
-                                         None, method="decode")
-            detected = lang_ids[jnp.argmax(jnp.take(logits[:, 0], lang_ids, axis=-1), axis=-1)]
-            lang = jnp.where(lang >= 0, lang, detected).astype(jnp.int32)
-            prompt = prompt.at[:, 1].set(lang)
-        out = decode_loop(self.model, self.spec, params, enc, prompt, self.max_new, 0.0, None, 0)
-        out["language"] = lang
-        return out
+        lang_ids = tuple(self.tok.languages.values()) if self.multilingual else None
+        return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang)
 
     def language_id(self, e: Example) -> int | str:
         """The forced language token of a row (-1: detect), or a reason string when the row's language is bad."""
@@ -336,6 +321,31 @@ class _Teacher:
         lang = jax.make_array_from_process_local_data(s, local_lang, (global_b,))
         out = self._step(self.params, self._mel(audio), lang)
         return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
+
+
+def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang):
+    """One device's rows: encoder, language detection (multilingual teachers, rows with lang < 0), greedy decode.
+
+    `template` is the prompt; for multilingual teachers position 1 holds the language token, filled per row from
+    `lang` (>= 0: forced) or the detected language. Pure: the pseudo-labeller runs it under shard_map; the
+    accelerator benchmark times the same function."""
+    import jax.numpy as jnp
+
+    from dwjax.decoding.generate import decode_loop
+    from dwjax.models.whisper import encode_batch
+    b = mel.shape[0]
+    enc = encode_batch(model, params, mel)
+    prompt = jnp.broadcast_to(jnp.asarray(template, jnp.int32), (b, len(template)))
+    if language_ids is not None:
+        ids = jnp.asarray(language_ids, jnp.int32)
+        logits, _ = model.apply({"params": params}, jnp.full((b, 1), spec.sot, jnp.int32), enc, None,
+                                method="decode")
+        detected = ids[jnp.argmax(jnp.take(logits[:, 0], ids, axis=-1), axis=-1)]
+        lang = jnp.where(lang >= 0, lang, detected).astype(jnp.int32)
+        prompt = prompt.at[:, 1].set(lang)
+    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0)
+    out["language"] = lang
+    return out
 
 
 def _local_rows(x, n_local: int) -> np.ndarray:

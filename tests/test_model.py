@@ -91,6 +91,21 @@ def test_remat_same_output(case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1e-3, float(np.abs(a).max())))
 
 
+def test_fused_attention_branch_matches(case, monkeypatch):
+    """The jax.nn.dot_product_attention branch (cuDNN on GPU; its "xla" implementation here) computes what the
+    einsum path does: same layout, same scaling, same gradients."""
+    from dwjax.models import whisper as W
+    loss = lambda p, m: jnp.mean(m.apply({"params": p}, case.mel, case.tokens) ** 2)
+    g0 = jax.jit(jax.grad(loss), static_argnums=1)(case.params, Whisper(case.cfg))
+    monkeypatch.setattr(W, "fused_attention_impl", lambda dtype: "xla")
+    m = Whisper(case.cfg)
+    logits = np.asarray(jax.jit(m.apply)({"params": case.params}, case.mel, case.tokens))
+    np.testing.assert_allclose(logits, case.logits, atol=1e-5 * max(1.0, np.abs(case.logits).max()), rtol=0)
+    g1 = jax.jit(jax.grad(loss), static_argnums=1)(case.params, m)
+    for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1e-3, float(np.abs(a).max())))
+
+
 class _Jitted:
     """model.apply(..., method="decode") under jit (eager Flax dispatch is slow)."""
 

@@ -13,6 +13,7 @@ Rows may stand at different positions (speculative decoding accepts per row); ro
 from __future__ import annotations
 
 import math
+import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -83,6 +84,17 @@ class Attention(nn.Module):
         return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
 
 
+def fused_attention_impl(dtype) -> str | None:
+    """The `jax.nn.dot_product_attention` implementation unmasked attention (encoder self-attention, decoder
+    cross-attention) uses, or None for the einsum path of `attend`: "cudnn" (fused flash attention) on NVIDIA GPUs
+    in bfloat16/float16 unless DWJAX_ATTENTION=xla; None elsewhere (CPU, TPU, float32), where the einsum path is
+    fused well by XLA on TPU and kept in cache on CPU."""
+    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+    if jax.default_backend() == "gpu" and half and os.environ.get("DWJAX_ATTENTION", "auto") != "xla":
+        return "cudnn"
+    return None
+
+
 QUERY_CHUNK = 300   # long unmasked attention (the encoder's 1500 positions) runs in query blocks of this size
 
 
@@ -91,6 +103,11 @@ def attend(q, k, v, mask, dtype):
     matmuls (2x faster than the sequence-major einsums on CPU) and a cache is never transposed; long unmasked
     queries (the encoder) go block by block so each block's scores stay in cache."""
     b, t, h, d = q.shape
+    impl = fused_attention_impl(dtype) if mask is None and t > 1 else None
+    if impl:
+        # a fused (flash) attention kernel: the (t, s) scores never reach memory. q is already scaled.
+        return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=1.0,
+                                            implementation=impl)
     qt = q.transpose(0, 2, 1, 3)
 
     def block(qc, m):
