@@ -112,7 +112,7 @@ def beam_search_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, 
         rows = (jnp.arange(b)[:, None] * k + parent).reshape(b * k)
         cache = dict(s["cache"])
         for name in ("k", "v", "cross_k", "cross_v"):
-            cache[name] = jnp.take(cache[name], rows, axis=1)
+            cache[name] = [jnp.take(layer, rows, axis=0) for layer in cache[name]]
         cache["index"] = jnp.take(cache["index"], rows, axis=0)
         logits, cache = model.apply({"params": params}, new_tok.reshape(b * k, 1), None, cache, method="decode")
 

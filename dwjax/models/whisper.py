@@ -83,6 +83,24 @@ class Attention(nn.Module):
         q = self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
         return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
 
+    def cached(self, x, k_cache, v_cache, cache_mask, k_new, v_new, new_mask):
+        """Attention over a KV cache plus the new tokens' own keys/values, without writing the cache first.
+
+        k_cache/v_cache (b, h, S, hd) with cache_mask (b, 1, 1, S) marking the positions already written;
+        k_new/v_new (b, h, t, hd) with new_mask (1, 1, t, t) causal. One softmax over both parts, so the result
+        equals attention over the written cache; the caller writes the new keys/values once for all layers."""
+        q = (self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)).transpose(0, 2, 1, 3)
+        neg = jnp.finfo(jnp.float32).min
+        s_cache = jnp.einsum("bhtd,bhsd->bhts", q, k_cache.astype(self.dtype)).astype(jnp.float32)
+        s_new = jnp.einsum("bhtd,bhsd->bhts", q, k_new.astype(self.dtype)).astype(jnp.float32)
+        probs = jax.nn.softmax(jnp.concatenate([jnp.where(cache_mask, s_cache, neg),
+                                                jnp.where(new_mask, s_new, neg)], axis=-1), axis=-1)
+        probs = probs.astype(self.dtype)
+        n = k_cache.shape[2]
+        out = (jnp.einsum("bhts,bhsd->bhtd", probs[..., :n], v_cache.astype(self.dtype))
+               + jnp.einsum("bhts,bhsd->bhtd", probs[..., n:], v_new.astype(self.dtype)))
+        return self.out(out.transpose(0, 2, 1, 3))
+
 
 def fused_attention_impl(dtype) -> str | None:
     """The `jax.nn.dot_product_attention` implementation unmasked attention (encoder self-attention, decoder
@@ -167,8 +185,13 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer_cache, enc_out, mask, positions):
-        """x: (b, t, d). layer_cache: None (teacher forcing, causal over x) or this layer's cache slice."""
+    def __call__(self, x, layer_cache, enc_out, mask, cache_mask):
+        """x: (b, t, d). layer_cache: None (teacher forcing; `mask` causal over x) or this layer's cache slice
+        (`cache_mask` marks its written positions, `mask` is causal over the t new tokens).
+
+        Returns (x, outputs): with a cache, outputs holds this layer's new keys/values (b, h, t, hd), written
+        into the stacked cache once by `Decoder`, and the cross-attention keys/values only when computed here
+        (the first call). Passing the whole cache through the layer scan would copy it at every step."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd = c.d_model // c.decoder_heads
         self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", **kw)
@@ -176,27 +199,25 @@ class DecoderLayer(nn.Module):
 
         h = LayerNorm(name="self_attn_norm", **kw)(x)
         k, v = self_attn.kv(h)
-        new_cache = None
-        if layer_cache is not None:
-            # write the new keys/values at each row's own position, then attend over the whole cache
-            write = jax.vmap(lambda buf, new, i: jax.lax.dynamic_update_slice(buf, new.astype(buf.dtype), (0, i, 0)))
-            k = write(layer_cache["k"], k, positions[:, 0])
-            v = write(layer_cache["v"], v, positions[:, 0])
-            new_cache = {"k": k, "v": v}
-        x = x + self_attn(h, k, v, mask)
+        outputs = None
+        if layer_cache is None:
+            x = x + self_attn(h, k, v, mask)
+        else:
+            x = x + self_attn.cached(h, layer_cache["k"], layer_cache["v"], cache_mask, k, v, mask)
+            outputs = {"k": k, "v": v}
 
         h = LayerNorm(name="cross_attn_norm", **kw)(x)
         if layer_cache is not None and layer_cache.get("cross_k") is not None:
             ck, cv = layer_cache["cross_k"], layer_cache["cross_v"]
         else:
             ck, cv = cross_attn.kv(enc_out)
-        if new_cache is not None:
-            new_cache.update(cross_k=ck, cross_v=cv)
+            if outputs is not None:
+                outputs.update(cross_k=ck, cross_v=cv)
         x = x + cross_attn(h, ck, cv, None)
 
         x = x + MLP(c.ffn_dim, name="mlp", **kw)(LayerNorm(name="mlp_norm", **kw)(x))
         x = nn.with_logical_constraint(x, ("batch", "dec_len", "embed"))
-        return x, new_cache
+        return x, outputs
 
 
 def _stack(layer_cls, n, scan_layers, remat, in_axes, name, **kw):
@@ -252,27 +273,52 @@ class Decoder(nn.Module):
         pos_table = self.param("embed_positions", _init(nn.initializers.normal(0.01), ("dec_len", "embed")),
                                (c.n_text_ctx, c.d_model), self.param_dtype)
         b, t = tokens.shape
+        mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]       # causal over the t tokens
         if cache is None:
             positions = jnp.broadcast_to(jnp.arange(t)[None], (b, t))
-            mask = (jnp.arange(t)[None, :] <= jnp.arange(t)[:, None])[None, None]
-            layer_caches = None
+            cache_mask = None
         else:
             positions = cache["index"][:, None] + jnp.arange(t)[None]
-            max_len = cache["k"].shape[3]
-            mask = (jnp.arange(max_len)[None, None, :] <= positions[:, :, None])[:, None]
-            layer_caches = {k: cache[k] for k in ("k", "v", "cross_k", "cross_v")}
+            max_len = cache["k"][0].shape[2]
+            cache_mask = (jnp.arange(max_len)[None, :] < cache["index"][:, None])[:, None, None]
         x = embed(tokens).astype(self.dtype) + jnp.take(pos_table, positions, axis=0).astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "dec_len", "embed"))
-        x, new_layer_caches = _stack(DecoderLayer, c.decoder_layers, self.scan_layers, self.remat,
-                                     (0, nn.broadcast, nn.broadcast, nn.broadcast), "layers", cfg=c, **kw)(
-            x, layer_caches, enc_out, mask, positions)
+        if cache is None:
+            x, _ = _stack(DecoderLayer, c.decoder_layers, self.scan_layers, self.remat,
+                          (0, nn.broadcast, nn.broadcast, nn.broadcast), "layers", cfg=c, **kw)(
+                x, None, enc_out, mask, None)
+            new_cache = None
+        else:
+            # Cached decoding runs the layers as a Python loop over static slices of the stacked parameters
+            # and per-layer cache arrays: inside a decoding while-loop XLA hoists the parameter slices out of
+            # the loop and reads each cache array in place, where a layer scan would copy every layer's
+            # parameters and cache slices at every step (2x slower on CPU at base, batch 8).
+            layer = DecoderLayer(cfg=c, parent=None, **kw)
+            stacked = self.variables["params"]["layers"]
+            new_cache = dict(cache, index=cache["index"] + t, k=[], v=[])
+            cross = [] if cache.get("cross_k") is None else None
+            for i in range(c.decoder_layers):
+                layer_params = jax.tree_util.tree_map(lambda a: a[i], stacked)
+                layer_cache = {k: (None if cache[k] is None else cache[k][i])
+                               for k in ("k", "v", "cross_k", "cross_v")}
+                x, out = layer.apply({"params": layer_params}, x, layer_cache, enc_out, mask, cache_mask)
+                for name in ("k", "v"):
+                    new_cache[name].append(_write_rows(cache[name][i], out[name], cache["index"]))
+                if cross is not None:
+                    cross.append((out["cross_k"], out["cross_v"]))
+            if cross is not None:
+                new_cache["cross_k"], new_cache["cross_v"] = [a for a, _ in cross], [b for _, b in cross]
         hidden = LayerNorm(name="final_norm", **kw)(x)
         logits = embed.attend(hidden).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "dec_len", "vocab"))
-        new_cache = None if cache is None else dict(new_layer_caches, index=cache["index"] + t)
         if return_hidden:
             return logits, new_cache, hidden
         return logits, new_cache
+
+
+def _write_rows(buf, new, index):
+    """buf (b, h, S, hd) with each row's new keys/values (b, h, t, hd) written at that row's position."""
+    return jax.vmap(lambda r, n, i: jax.lax.dynamic_update_slice(r, n.astype(r.dtype), (0, i, 0)))(buf, new, index)
 
 
 class Whisper(nn.Module):
@@ -310,11 +356,14 @@ def encode_batch(model: "Whisper", params, mel):
 
 
 def init_cache(cfg: WhisperConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
-    """An empty decoding cache; the cross-attention keys/values are filled by the first `decode` call."""
+    """An empty decoding cache: per decoder layer, self-attention keys/values (batch, heads, max_len, head_dim);
+    the cross-attention keys/values (batch, heads, n_audio_ctx, head_dim) are filled by the first `decode` call;
+    `index` is each row's next position."""
     hd = cfg.d_model // cfg.decoder_heads
-    shape = (cfg.decoder_layers, batch, cfg.decoder_heads, max_len, hd)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "cross_k": None, "cross_v": None,
-            "index": jnp.zeros((batch,), jnp.int32)}
+    shape = (batch, cfg.decoder_heads, max_len, hd)
+    n = cfg.decoder_layers
+    return {"k": [jnp.zeros(shape, dtype) for _ in range(n)], "v": [jnp.zeros(shape, dtype) for _ in range(n)],
+            "cross_k": None, "cross_v": None, "index": jnp.zeros((batch,), jnp.int32)}
 
 
 def init_params(cfg: WhisperConfig, rng=None, **module_kw):
