@@ -89,7 +89,12 @@ def _hf_greedy(model_dir, mel: np.ndarray, tok) -> tuple[list[str], object]:
                           num_beams=1, return_timestamps=False,
                           **({"language": "en", "task": "transcribe"} if tok.is_multilingual else {}))
     seqs = out.sequences if hasattr(out, "sequences") else out
-    return [tok.decode([t for t in row.tolist() if t < tok.eot]).strip() for row in seqs], hf
+    # transformers may continue past max_new_tokens when the output holds timestamp tokens (a second segment):
+    # compare the first MAX_NEW new tokens, the ones dwjax decodes
+    prompt = tok.sot_sequence(language="en" if tok.is_multilingual else None, timestamps=False)
+    rows = [row.tolist() for row in seqs]
+    rows = [(r[len(prompt):] if r[:len(prompt)] == prompt else r)[:MAX_NEW] for r in rows]
+    return [tok.decode([t for t in row if t < tok.eot]).strip() for row in rows], hf
 
 
 def _hf_logits(hf, mel: np.ndarray, tokens: np.ndarray) -> np.ndarray:
@@ -141,14 +146,25 @@ def ct2_dir(teacher, tmp_path_factory):
 
 
 # --------------------------------------------------------------------------------------------- transformers
-def _check_hf_matches(model_dir, ref: _Dwjax, report: str, tol: float = 1e-4):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+def _check_hf_matches(model_dir, ref: _Dwjax, report: str, tol: float = 1e-4, tol64: float = 1e-4):
+    """The exported model in transformers: greedy transcripts equal dwjax's; its float64 logits (the exported
+    weights evaluated exactly) within `tol64` of dwjax's fp32 logits (dwjax's own rounding error); its fp32 logits
+    within `tol` (two fp32 implementations, each with its own rounding: at base each is ~1e-4 from float64)."""
+    import copy
+
+    import torch
     texts, hf = _hf_greedy(model_dir, ref.mel, ref.tok)
     tokens = ref.forced_tokens()
-    diff = float(np.max(np.abs(_hf_logits(hf, ref.mel, tokens) - ref.logits(tokens))))
-    print(f"{report}: max |logit diff| {diff:.2e}; transcripts equal {sum(a == b for a, b in zip(texts, ref.texts))}"
-          f"/{len(texts)}")
+    ours = ref.logits(tokens)
+    diff = float(np.max(np.abs(_hf_logits(hf, ref.mel, tokens) - ours)))
+    hf64 = copy.deepcopy(hf).double()
+    with torch.no_grad():
+        exact = hf64(input_features=torch.from_numpy(ref.mel[: len(tokens)].astype(np.float64)),
+                     decoder_input_ids=torch.from_numpy(tokens.astype(np.int64)), use_cache=False).logits.numpy()
+    diff64 = float(np.max(np.abs(exact - ours)))
+    print(f"{report}: max |logit diff| vs transformers fp32 {diff:.2e}, vs transformers float64 {diff64:.2e}; "
+          f"transcripts equal {sum(a == b for a, b in zip(texts, ref.texts))}/{len(texts)}")
+    assert diff64 < tol64
     assert diff < tol
     assert texts == ref.texts
     return hf
@@ -372,10 +388,11 @@ def test_base_and_student_to_hf_and_ct2(clips, tmp_path):
         base = load_model("builtin:whisper-base")
     except WeightsError as e:
         pytest.skip(str(e))
-    clips8 = (clips[0][:8], clips[1][:8])
     for name, model in (("base", base), ("base student", _student(base))):
-        r = _Dwjax(model, clips8[0])
-        # base is deeper and wider than tiny: fp32 summation order gives up to ~1.5e-4 on its logits
-        _check_hf_matches(ex.export_model(model, "hf", tmp_path / name / "hf"), r, f"{name} -> hf", tol=3e-4)
+        r = _Dwjax(model, clips[0])
+        # base is deeper and wider than tiny: fp32 rounding reaches ~1.2e-4 in dwjax's logits (vs float64) and
+        # ~1.7e-4 between dwjax and transformers (both fp32), measured on these 24 clips
+        _check_hf_matches(ex.export_model(model, "hf", tmp_path / name / "hf"), r, f"{name} -> hf", tol=3e-4,
+                          tol64=2e-4)
         back = load_model(ex.export_model(model, "ctranslate2", tmp_path / name / "ct2"))
         _assert_params(model.params, back.params)
