@@ -1,0 +1,82 @@
+"""Long-form transcription speed and WER: chunked (batched) and sequential, teacher vs a distilled student.
+
+    python benchmarks/bench_longform.py --student runs/demo-base/distill/student
+    python benchmarks/bench_longform.py --teacher builtin:whisper-tiny.en --student runs/demo/distill/student
+
+One recording of >= 3 minutes: real clips of ../shared/data/real (synthesised speech where that is absent) joined
+with 0.4 s pauses; its reference is their transcripts joined. Each model transcribes it chunked (its default chunk
+length: 30 s for Whisper, 15 s for a student, batch 8) and the teacher also sequentially (OpenAI's algorithm);
+the clips are also transcribed one by one (short-form) for the WER each long-form method should stay close to.
+Prints wall time after a warm-up run (compilation excluded), the real-time factor RTF = wall / audio seconds, the
+student's speed-up over the teacher and the normalised WER. Asserts nothing about timing.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def recording(n_clips: int):
+    from dwjax.audio import SAMPLE_RATE
+    from tests.helpers import real_clips, synthesize
+    clips = real_clips(n_clips)
+    if len(clips) < n_clips:
+        import tempfile
+        clips = synthesize(tempfile.mkdtemp(), n_clips)
+    pause = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
+    return clips, np.concatenate([np.concatenate([a, pause]) for _, a in clips])
+
+
+def timed(fn):
+    fn()                                   # compile / warm up
+    t0 = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - t0, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default="builtin:whisper-base")
+    ap.add_argument("--student", required=True, help="a distilled student (dwjax model directory)")
+    ap.add_argument("--clips", type=int, default=52, help="clips joined into the recording (52 real: ~3.5 min)")
+    ap.add_argument("--batch", type=int, default=8)
+    args = ap.parse_args(argv)
+
+    from dwjax.audio import SAMPLE_RATE
+    from dwjax.decoding.longform import transcribe_long
+    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.text.wer import wer
+
+    clips, audio = recording(args.clips)
+    seconds = len(audio) / SAMPLE_RATE
+    reference = " ".join(t for t, _ in clips)
+    print(f"recording: {len(clips)} clips, {seconds:.1f} s; batch {args.batch}")
+    rows = []
+    walls = {}
+    for who, name in (("teacher", args.teacher), ("student", args.student)):
+        tr = Transcriber(name, batch_size=args.batch)
+        short_wall, short = timed(lambda: tr.transcribe([a for _, a in clips]))
+        rows.append((who, "short-form (clip by clip)", short_wall, wer([reference], [" ".join(r.text for r in short)])))
+        methods = [("chunked", {})] + ([("sequential", {})] if who == "teacher" else [])
+        for method, kw in methods:
+            wall, out = timed(lambda: transcribe_long(tr, audio, method=method, **kw))
+            walls[(who, method)] = wall
+            rows.append((who, method, wall, wer([reference], [out.text])))
+        print(f"  {who} done", flush=True)
+    print()
+    print("| model | method | wall s | RTF | x real time | WER % |")
+    print("|---|---|---|---|---|---|")
+    for who, method, wall, w in rows:
+        print(f"| {who} | {method} | {wall:.1f} | {wall / seconds:.3f} | {seconds / wall:.1f} | {100 * w:.2f} |")
+    print(f"\nstudent / teacher speed-up, chunked: {walls[('teacher', 'chunked')] / walls[('student', 'chunked')]:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
