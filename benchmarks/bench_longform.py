@@ -17,20 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-
-def recording(n_clips: int):
-    from dwjax.audio import SAMPLE_RATE
-    from tests.helpers import real_clips, synthesize
-    clips = real_clips(n_clips)
-    if len(clips) < n_clips:
-        import tempfile
-        clips = synthesize(tempfile.mkdtemp(), n_clips)
-    pause = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
-    return clips, np.concatenate([np.concatenate([a, pause]) for _, a in clips])
 
 
 def timed(fn):
@@ -53,7 +41,8 @@ def main(argv=None) -> int:
     from dwjax.decoding.transcribe import Transcriber
     from dwjax.text.wer import wer
 
-    clips, audio = recording(args.clips)
+    from tests.helpers import long_recording
+    clips, audio = long_recording(args.clips)
     seconds = len(audio) / SAMPLE_RATE
     reference = " ".join(t for t, _ in clips)
     print(f"recording: {len(clips)} clips, {seconds:.1f} s; batch {args.batch}")

@@ -283,6 +283,18 @@ def real_clips(n: int) -> list[tuple[str, np.ndarray]]:
     return [(r["transcript"], load_audio(base / r["path"])) for r in picked]
 
 
+def long_recording(n_clips: int = 52) -> tuple[list[tuple[str, np.ndarray]], np.ndarray]:
+    """(clips, audio): `n_clips` real clips (synthesised speech where ../shared is absent) joined with 0.4 s
+    pauses into one long recording (52 real clips: ~200 s); each clip is (transcript, audio)."""
+    from dwjax.audio import SAMPLE_RATE
+    clips = real_clips(n_clips)
+    if len(clips) < n_clips:
+        import tempfile
+        clips = synthesize(tempfile.mkdtemp(), n_clips)
+    pause = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
+    return clips, np.concatenate([np.concatenate([a, pause]) for _, a in clips])
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # random models that end some sequences early
 # ---------------------------------------------------------------------------------------------------------------

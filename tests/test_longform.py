@@ -173,22 +173,12 @@ def test_chunked_pipeline_recovers_every_word_once(seconds):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _recording(n_clips=52):
-    from tests.helpers import real_clips, synthesize
-    clips = real_clips(n_clips)
-    if len(clips) < n_clips:
-        import tempfile
-        clips = synthesize(tempfile.mkdtemp(), n_clips)
-    pause = np.zeros(int(0.4 * SAMPLE_RATE), np.float32)
-    audio = np.concatenate([np.concatenate([a, pause]) for _, a in clips])
-    return clips, audio
-
-
 @pytest.fixture(scope="module")
 def long_case():
     from dwjax.decoding.transcribe import Transcriber
     from dwjax.text.wer import wer
-    clips, audio = _recording()
+    from tests.helpers import long_recording
+    clips, audio = long_recording()
     assert len(audio) >= 180 * SAMPLE_RATE
     tr = Transcriber("builtin:whisper-tiny.en", batch_size=8)
     refs = [t for t, _ in clips]

@@ -5,8 +5,9 @@ with `nn.scan`; `scan_layers=False` unrolls that same scan fully (faster to comp
 numbers), so weights, checkpoints and exports never depend on the switch.
 
 Decoding uses an explicit KV cache, a pytree passed in and returned (no mutable Flax collections):
-    cache = {"k", "v": (layers, batch, heads, max_len, head_dim),
-             "cross_k", "cross_v": (layers, batch, heads, n_audio_ctx, head_dim) or None before the first call,
+    cache = {"k", "v": one (batch, heads, max_len, head_dim) array per decoder layer,
+             "cross_k", "cross_v": one (batch, heads, n_audio_ctx, head_dim) array per layer, or None before the
+                                   first call,
              "index": (batch,) int32 — how many positions of each row are filled}
 Rows may stand at different positions (speculative decoding accepts per row); rolling back is lowering `index`.
 """
@@ -78,10 +79,12 @@ class Attention(nn.Module):
         """Keys and values of `source` (b, s, d) in heads-major layout (b, h, s, hd), the layout of the cache."""
         return self.key(source).transpose(0, 2, 1, 3), self.value(source).transpose(0, 2, 1, 3)
 
+    def _scaled_query(self, x):
+        return self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+
     def __call__(self, x, k, v, mask):
         """x: (b, t, d) queries; k, v: (b, h, s, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
-        q = self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-        return self.out(attend(q, k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
+        return self.out(attend(self._scaled_query(x), k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
 
     def cached(self, x, k_cache, v_cache, cache_mask, k_new, v_new, new_mask):
         """Attention over a KV cache plus the new tokens' own keys/values, without writing the cache first.
@@ -89,7 +92,7 @@ class Attention(nn.Module):
         k_cache/v_cache (b, h, S, hd) with cache_mask (b, 1, 1, S) marking the positions already written;
         k_new/v_new (b, h, t, hd) with new_mask (1, 1, t, t) causal. One softmax over both parts, so the result
         equals attention over the written cache; the caller writes the new keys/values once for all layers."""
-        q = (self.query(x) * jnp.asarray(self.head_dim ** -0.5, self.dtype)).transpose(0, 2, 1, 3)
+        q = self._scaled_query(x).transpose(0, 2, 1, 3)
         neg = jnp.finfo(jnp.float32).min
         s_cache = jnp.einsum("bhtd,bhsd->bhts", q, k_cache.astype(self.dtype)).astype(jnp.float32)
         s_new = jnp.einsum("bhtd,bhsd->bhts", q, k_new.astype(self.dtype)).astype(jnp.float32)
@@ -189,9 +192,9 @@ class DecoderLayer(nn.Module):
         """x: (b, t, d). layer_cache: None (teacher forcing; `mask` causal over x) or this layer's cache slice
         (`cache_mask` marks its written positions, `mask` is causal over the t new tokens).
 
-        Returns (x, outputs): with a cache, outputs holds this layer's new keys/values (b, h, t, hd), written
-        into the stacked cache once by `Decoder`, and the cross-attention keys/values only when computed here
-        (the first call). Passing the whole cache through the layer scan would copy it at every step."""
+        Returns (x, outputs): with a cache, outputs holds this layer's new keys/values (b, h, t, hd), which
+        `Decoder` writes into the layer's cache array, and the cross-attention keys/values only when computed here
+        (the first call)."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd = c.d_model // c.decoder_heads
         self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", **kw)
@@ -295,8 +298,10 @@ class Decoder(nn.Module):
             # parameters and cache slices at every step (2x slower on CPU at base, batch 8).
             layer = DecoderLayer(cfg=c, parent=None, **kw)
             stacked = self.variables["params"]["layers"]
+            first_call = cache.get("cross_k") is None           # the layers compute cross keys/values now
             new_cache = dict(cache, index=cache["index"] + t, k=[], v=[])
-            cross = [] if cache.get("cross_k") is None else None
+            if first_call:
+                new_cache.update(cross_k=[], cross_v=[])
             for i in range(c.decoder_layers):
                 layer_params = jax.tree_util.tree_map(lambda a: a[i], stacked)
                 layer_cache = {k: (None if cache[k] is None else cache[k][i])
@@ -304,10 +309,9 @@ class Decoder(nn.Module):
                 x, out = layer.apply({"params": layer_params}, x, layer_cache, enc_out, mask, cache_mask)
                 for name in ("k", "v"):
                     new_cache[name].append(_write_rows(cache[name][i], out[name], cache["index"]))
-                if cross is not None:
-                    cross.append((out["cross_k"], out["cross_v"]))
-            if cross is not None:
-                new_cache["cross_k"], new_cache["cross_v"] = [a for a, _ in cross], [b for _, b in cross]
+                if first_call:
+                    new_cache["cross_k"].append(out["cross_k"])
+                    new_cache["cross_v"].append(out["cross_v"])
         hidden = LayerNorm(name="final_norm", **kw)(x)
         logits = embed.attend(hidden).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "dec_len", "vocab"))
