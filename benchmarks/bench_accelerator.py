@@ -17,7 +17,8 @@ trailing `:xla` sets DWJAX_ATTENTION=xla (einsum attention instead of cuDNN's fu
                     end-of-text token, so it is suppressed and every row decodes exactly N tokens: a 30 s window
                     full of speech is 80-110 tokens. Audio s/s = B x 30 s / step time; the encoder alone is timed
                     too, so the per-token decode cost is (step - encoder) / N.
-Prints one table; writes all numbers (and the device's name) as JSON. Asserts nothing about timing.
+Prints one table; writes all numbers (and the device's name) as JSON. Asserts nothing about timing. A progress bar
+on stderr advances as each case's process ends, its rate (samples/s, audio s/s) in the postfix.
 """
 from __future__ import annotations
 
@@ -28,6 +29,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from _progress import echo, progress, tick
 
 DEFAULT_CASES = ("train:base:64:128,train:base:64:128:xla,label:base:64:100,label:base:64:100:xla,"
                  "train:large-v3:16:128,train:large-v3:16:128:xla,label:large-v3:32:100")
@@ -187,6 +190,14 @@ def _table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _rate(result: dict) -> str:
+    if "error" in result:
+        return f"{result['case']}: {result['error'][:60]}"
+    if "audio_s_per_s" in result:
+        return f"{result['case']}: {result['audio_s_per_s']:.0f} audio-s/s, {result['tokens_per_s']:.0f} tokens/s"
+    return f"{result['case']}: {result['samples_per_s']:.1f} samples/s, {1 / result['step_s']:.2f} steps/s"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=DEFAULT_CASES)
@@ -203,9 +214,12 @@ def main(argv=None) -> None:
     start, results = time.perf_counter(), []
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                        os.environ.get("PYTHONPATH", "")]))
-    for case in args.cases.split(","):
+    cases = args.cases.split(",")
+    bar = progress(len(cases), "bench_accelerator", unit="case")
+    for case in cases:
         if time.perf_counter() - start > args.budget_s:
             results.append({"case": case, "error": "skipped: time budget spent"})
+            tick(bar, 1, _rate(results[-1]))
             continue
         t0 = time.perf_counter()
         case_env = dict(env, DWJAX_ATTENTION="xla") if case.endswith(":xla") else env
@@ -215,10 +229,12 @@ def main(argv=None) -> None:
         if proc.returncode or not found:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no output"]
             results.append({"case": case, "error": f"exit {proc.returncode}: {tail[0][:300]}"})
-            print(proc.stderr[-3000:], file=sys.stderr)
+            echo(proc.stderr[-3000:], file=sys.stderr)
         else:
             results.append(json.loads(found[-1][7:]))
-        print(f"{case}: {time.perf_counter() - t0:.0f} s wall; {json.dumps(results[-1])}", flush=True)
+        echo(f"{case}: {time.perf_counter() - t0:.0f} s wall; {json.dumps(results[-1])}")
+        tick(bar, 1, _rate(results[-1]))
+    bar.close()
     print(f"\n{device}\n{_table(results)}")
     if args.out:
         Path(args.out).write_text(json.dumps({"device": device, "results": results}, indent=1))

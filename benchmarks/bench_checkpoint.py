@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from _progress import progress, tick
 from dwjax.checkpoint import Checkpointer, verify_step_dir, write_manifest
 from dwjax.config import CheckpointConfig
 from dwjax.models import configs, whisper
@@ -34,7 +35,8 @@ def student_state():
     return jax.block_until_ready(state)
 
 
-def bench(directory: Path, state, async_save: bool, repeats: int) -> tuple[list[float], list[float]]:
+def bench(directory: Path, state, async_save: bool, repeats: int, bar,
+          mib: float) -> tuple[list[float], list[float]]:
     cfg = CheckpointConfig(save_every=1, keep_last=2, keep_best=0, async_save=async_save)
     blocked, total = [], []
     with Checkpointer(directory, cfg) as ckpt:
@@ -48,6 +50,8 @@ def bench(directory: Path, state, async_save: bool, repeats: int) -> tuple[list[
             if i:
                 blocked.append(t1 - t0)
                 total.append(t2 - t0)
+            note = f"blocked {(t1 - t0) * 1e3:.0f} ms, {mib / (t2 - t0):.0f} MiB/s written" if i else "warm-up"
+            tick(bar, 1, f"{'async' if async_save else 'sync'}: {note}")   # the write has finished; untimed
     return blocked, total
 
 
@@ -63,8 +67,10 @@ def main(argv=None) -> int:
         n_bytes = sum(x.nbytes for x in jax.tree.leaves(state) if hasattr(x, "nbytes"))
         print(f"state: {n_params / 1e6:.1f} M parameters + Adam moments = {n_bytes / 2**20:.0f} MiB "
               f"on {jax.device_count()} x {jax.devices()[0].device_kind}")
-        a_blocked, a_total = bench(root / "async", state, True, args.repeats)
-        s_blocked, _ = bench(root / "sync", state, False, args.repeats)
+        bar = progress(2 * (args.repeats + 1), "bench_checkpoint", unit="save")
+        a_blocked, a_total = bench(root / "async", state, True, args.repeats, bar, n_bytes / 2**20)
+        s_blocked, _ = bench(root / "sync", state, False, args.repeats, bar, n_bytes / 2**20)
+        bar.close()
         a, s = statistics.median(a_blocked), statistics.median(s_blocked)
         print(f"async save: loop blocked {a * 1e3:8.1f} ms (median of {args.repeats}; "
               f"write finished after {statistics.median(a_total) * 1e3:.0f} ms in the background)")

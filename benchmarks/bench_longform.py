@@ -20,12 +20,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _progress import echo, progress, tick  # noqa: E402
 
-def timed(fn):
+
+def timed(fn, done=lambda t: None):
+    """One run after a warm-up; `done(seconds)` after each run, outside its timing (None: the warm-up)."""
     fn()                                   # compile / warm up
+    done(None)
     t0 = time.perf_counter()
     out = fn()
-    return time.perf_counter() - t0, out
+    t = time.perf_counter() - t0
+    done(t)
+    return t, out
 
 
 def main(argv=None) -> int:
@@ -48,16 +54,24 @@ def main(argv=None) -> int:
     print(f"recording: {len(clips)} clips, {seconds:.1f} s; batch {args.batch}")
     rows = []
     walls = {}
+    short_s = sum(len(a) for _, a in clips) / SAMPLE_RATE
+    bar = progress(2 * (2 * short_s + 3 * seconds), "bench_longform", unit="audio-s")   # warm-up + timed, 5 cases
+
+    def done(label, audio_s):
+        return lambda t: tick(bar, audio_s, f"{label}: " + ("warm-up" if t is None else f"{audio_s / t:.2f} audio-s/s"))
+
     for who, name in (("teacher", args.teacher), ("student", args.student)):
         tr = Transcriber(name, batch_size=args.batch)
-        short_wall, short = timed(lambda: tr.transcribe([a for _, a in clips]))
+        short_wall, short = timed(lambda: tr.transcribe([a for _, a in clips]), done(f"{who} short-form", short_s))
         rows.append((who, "short-form (clip by clip)", short_wall, wer([reference], [" ".join(r.text for r in short)])))
         methods = [("chunked", {})] + ([("sequential", {})] if who == "teacher" else [])
         for method, kw in methods:
-            wall, out = timed(lambda: transcribe_long(tr, audio, method=method, **kw))
+            wall, out = timed(lambda: transcribe_long(tr, audio, method=method, **kw),
+                              done(f"{who} {method}", seconds))
             walls[(who, method)] = wall
             rows.append((who, method, wall, wer([reference], [out.text])))
-        print(f"  {who} done", flush=True)
+        echo(f"  {who} done")
+    bar.close()
     print()
     print("| model | method | wall s | RTF | x real time | WER % |")
     print("|---|---|---|---|---|---|")

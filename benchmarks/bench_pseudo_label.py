@@ -8,7 +8,9 @@ model.bin, its two parts concatenated into a temporary directory): fp32, greedy 
 fallback), batch 8, no timestamps, no VAD, language forced to English, each clip its own 30 s window. Each engine
 runs in its own child process (so peak RSS is its own); wall time includes reading the audio. dwjax compiles on a
 warm-up batch first (persistent compilation cache), so the timed run measures steady-state labelling.
-Prints audio seconds per wall second for each, their ratio and each process's peak RSS.
+Prints audio seconds per wall second for each, their ratio and each process's peak RSS. Progress goes to stderr:
+dwjax's labeller shows its own bar (as `dwjax pseudo-label` does); faster-whisper's bar advances after each batch,
+outside its timing.
 """
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _progress import progress, tick  # noqa: E402
 
 DEFAULT_DATA = Path(tempfile.gettempdir()) / "dwjax-bench-demo"
 MODEL = "builtin:whisper-base"
@@ -76,12 +80,12 @@ def run_dwjax(manifest: Path, batch: int, work: Path) -> dict:
     rows = read_dataset(manifest)
     warm = work / "warm.jsonl"
     write_manifest(warm, [{"id": e.id, "audio": e.audio_path, "text": e.text} for e in rows[: per_device * n_dev]])
-    opts = dict(teacher=MODEL, batch_size=per_device, language="en", progress=False, commit_every=1000)
+    opts = dict(teacher=MODEL, batch_size=per_device, language="en", commit_every=1000)
     t = time.time()
-    label_datasets([f"bench={warm}"], LabelOptions(output=str(work / "warm-out"), **opts))
+    label_datasets([f"bench={warm}"], LabelOptions(output=str(work / "warm-out"), progress=False, **opts))
     warm_s = time.time() - t
-    t = time.time()
-    summary = label_datasets([f"bench={manifest}"], LabelOptions(output=str(work / "out"), **opts))
+    t = time.time()   # the labeller's own bar (the CLI's default) on stderr: one update per fetched batch
+    summary = label_datasets([f"bench={manifest}"], LabelOptions(output=str(work / "out"), progress=True, **opts))
     wall = time.time() - t
     o = summary["overall"]
     return {"engine": "dwjax", "device": f"{jax.devices()[0].device_kind} x{n_dev}", "clips": o["rows"],
@@ -122,9 +126,10 @@ def run_faster_whisper(manifest: Path, batch: int, work: Path) -> dict:
               vad_filter=False, condition_on_previous_text=False, batch_size=batch, log_progress=False)
     warm = load_audio(rows[0].audio_path)
     list(pipe.transcribe(warm, clip_timestamps=[{"start": 0.0, "end": len(warm) / 16000}], **kw)[0])
-    t = time.time()
-    hyps, audio_s = [], 0.0
+    bar = progress(len(rows), "faster-whisper", unit="clip")
+    hyps, audio_s, wall = [], 0.0, 0.0
     for start in range(0, len(rows), batch):      # a batch of clips: one array, one clip timestamp per clip
+        t = time.time()                           # timed per batch: the progress bar's update stays outside
         clips = [load_audio(e.audio_path) for e in rows[start: start + batch]]
         bounds, offset = [], 0.0
         for c in clips:
@@ -134,7 +139,9 @@ def run_faster_whisper(manifest: Path, batch: int, work: Path) -> dict:
         segs = list(segments)
         audio_s += offset
         hyps.append(" ".join(s.text.strip() for s in segs))
-    wall = time.time() - t
+        wall += time.time() - t
+        tick(bar, len(clips), f"{audio_s / wall:.2f} audio-s/s")
+    bar.close()
     refs = [" ".join(e.text or "" for e in rows[s: s + batch]) for s in range(0, len(rows), batch)]
     return {"engine": "faster-whisper", "device": f"{device} (ctranslate2 {ctranslate2.__version__})",
             "clips": len(rows), "audio_s": audio_s, "wall_s": wall, "warmup_s": None,
@@ -169,11 +176,11 @@ def main() -> int:
             (work / engine).mkdir()
             cmd = [sys.executable, __file__, "--engine", engine, "--manifest", str(manifest), "--work",
                    str(work / engine), "--batch", str(args.batch)]
-            proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)    # stderr (progress, errors) passes
             lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
             if proc.returncode != 0 or not lines:
                 print(proc.stdout[-4000:], file=sys.stderr)
-                raise SystemExit(f"{engine} failed (exit {proc.returncode})")
+                raise SystemExit(f"{engine} failed (exit {proc.returncode}; its stderr is above)")
             results.append(json.loads(lines[-1][7:]))
     print(f"\n{'engine':<16} {'device':<28} {'clips':>6} {'audio s':>9} {'wall s':>8} {'audio s/s':>10} "
           f"{'WER %':>6} {'peak RSS MB':>12}")

@@ -24,6 +24,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _progress import echo, progress, tick  # noqa: E402
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio  # noqa: E402
 
 REAL = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "real" / "manifest.tsv"
@@ -65,13 +66,24 @@ def windows(pool: list[np.ndarray], n: int) -> list[np.ndarray]:
     return out
 
 
-def timed(fn, repeats: int):
-    fn()   # compile / warm up
+def n_tokens(result) -> int:
+    """Tokens decoded: a GenerateOutput, or a list of Transcripts."""
+    if hasattr(result, "lengths"):
+        return int(np.sum(result.lengths))
+    return sum(len(t.tokens) for t in result)
+
+
+def timed(fn, repeats: int, done=lambda r, t: None):
+    """Best of `repeats` runs after a warm-up; `done(result, seconds)` after each run, outside its timing (seconds
+    None: the warm-up)."""
+    done(fn(), None)   # compile / warm up
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
         r = fn()
-        best = min(best, time.perf_counter() - t0)
+        t = time.perf_counter() - t0
+        best = min(best, t)
+        done(r, t)
     return best, r
 
 
@@ -104,6 +116,12 @@ def main(argv=None) -> int:
     pool = clips(16, args.manifest)
     inputs = {"short": pool, "30s": windows(pool, max(args.batch))}
     rows = []
+    bar = progress(len(args.batch) * len(inputs) * 8 * (1 + args.repeats), "bench_speculative", unit="run")
+
+    def done(label):
+        return lambda r, t: tick(bar, 1, f"{label}: " +
+                                 ("warm-up" if t is None else f"{n_tokens(r) / t:.1f} tokens/s"))
+
     for b in args.batch:
         tr = Transcriber(teacher, dtype=args.dtype, batch_size=b)
         st = Transcriber(student, dtype=args.dtype, batch_size=b)
@@ -115,28 +133,35 @@ def main(argv=None) -> int:
                                 * b, np.int32)
             enc = tr.generator.encode(mel)
             s_enc = enc if fast.engine.share_encoder else st.generator.encode(mel)
-            t_dec, t_out = timed(lambda: tr.generator.generate(enc, prompt, args.max_new_tokens), args.repeats)
-            s_dec, s_out = timed(lambda: st.generator.generate(s_enc, prompt, args.max_new_tokens), args.repeats)
+            case = f"b{b} {kind}"
+            t_dec, t_out = timed(lambda: tr.generator.generate(enc, prompt, args.max_new_tokens), args.repeats,
+                                 done(f"{case} teacher decode"))
+            s_dec, s_out = timed(lambda: st.generator.generate(s_enc, prompt, args.max_new_tokens), args.repeats,
+                                 done(f"{case} assistant decode"))
             fast.reset_stats()
             sp_dec, sp_out = timed(lambda: fast.generate(None, prompt, args.max_new_tokens, encoded=(enc, s_enc)),
-                                   args.repeats)
+                                   args.repeats, done(f"{case} speculative decode"))
             assert [list(x) for x in sp_out.sequences()] == [list(x) for x in t_out.sequences()], "not exact!"
             alpha = fast.stats.acceptance_rate
             # the prefill (prompt + cross-attention keys/values over the encoder output) is a fixed cost outside
             # the per-token loop the formula models: time it alone (one new token) and take it off
-            t_pre, _ = timed(lambda: tr.generator.generate(enc, prompt, 1), args.repeats)
-            s_pre, _ = timed(lambda: st.generator.generate(s_enc, prompt, 1), args.repeats)
-            sp_pre, _ = timed(lambda: fast.generate(None, prompt, 1, encoded=(enc, s_enc)), args.repeats)
+            t_pre, _ = timed(lambda: tr.generator.generate(enc, prompt, 1), args.repeats,
+                              done(f"{case} teacher prefill"))
+            s_pre, _ = timed(lambda: st.generator.generate(s_enc, prompt, 1), args.repeats,
+                              done(f"{case} assistant prefill"))
+            sp_pre, _ = timed(lambda: fast.generate(None, prompt, 1, encoded=(enc, s_enc)), args.repeats,
+                              done(f"{case} speculative prefill"))
             t_steps, s_steps = int(t_out.lengths.max()), int(s_out.lengths.max())
             c = ((s_dec - s_pre) / s_steps) / ((t_dec - t_pre) / t_steps)
-            t_e2e, _ = timed(lambda: tr.transcribe_batch(batch), args.repeats)
-            sp_e2e, _ = timed(lambda: fast.transcribe_batch(batch), args.repeats)
+            t_e2e, _ = timed(lambda: tr.transcribe_batch(batch), args.repeats, done(f"{case} teacher e2e"))
+            sp_e2e, _ = timed(lambda: fast.transcribe_batch(batch), args.repeats, done(f"{case} speculative e2e"))
             rows.append(dict(b=b, kind=kind, tokens=float(t_out.lengths.mean()), t_dec=t_dec, sp_dec=sp_dec,
                              loop=(t_dec - t_pre) / (sp_dec - sp_pre), t_e2e=t_e2e, sp_e2e=sp_e2e, alpha=alpha,
                              c=c, pred=predicted_speedup(alpha, args.k, c)))
             r = rows[-1]
-            print(f"  batch {b} {kind}: teacher decode {t_dec:.3f}s, speculative {sp_dec:.3f}s, alpha {alpha:.3f}, "
-                  f"c {c:.3f}", flush=True)
+            echo(f"  batch {b} {kind}: teacher decode {t_dec:.3f}s, speculative {sp_dec:.3f}s, alpha {alpha:.3f}, "
+                 f"c {c:.3f}")
+    bar.close()
     print()
     print("| batch | input | tokens/row | teacher decode s | spec decode s | decode speed-up | token-loop speed-up "
           "| predicted | measured / predicted | teacher e2e s | spec e2e s | e2e speed-up | α | c |")

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _progress import echo, progress, tick
 from dwjax.decoding.generate import Generator
 from dwjax.decoding.rules import DecodeSpec
 from dwjax.distill import decoder_flops_per_token
@@ -31,19 +32,28 @@ def per_token_bytes(cfg, batch: int = 1) -> float:
     return 4 * (L * (8 * d * d + 2 * d * f) + d * V + batch * L * 2 * cfg.n_audio_ctx * d)
 
 
-def time_decoder(cfg, enc, steps: int, repeats: int = 3) -> float:
+REPEATS = 3
+
+
+def time_decoder(cfg, enc, steps: int, repeats: int = REPEATS, bar=None, name: str = "") -> float:
     params = init_params(cfg, jax.random.PRNGKey(0))
     eot = 50257 if cfg.vocab_size > 51864 else 50256
     spec = DecodeSpec(eot=eot, sot=eot + 1, no_speech=eot + 105, no_timestamps=eot + 106,
                       timestamp_begin=eot + 107, vocab_size=cfg.vocab_size, suppress=(eot,))
     gen = Generator(Whisper(cfg), params, spec)
     prompt = [eot + 1]
+    tokens = steps * enc.shape[0]
     gen.generate(enc, prompt, steps)                                   # compile
+    if bar is not None:
+        tick(bar, tokens, f"{name}: compiled")
     best = float("inf")
     for _ in range(repeats):
         t0 = time.perf_counter()
-        gen.generate(enc, prompt, steps)
-        best = min(best, time.perf_counter() - t0)
+        gen.generate(enc, prompt, steps)                               # returns the tokens fetched to the host
+        t = time.perf_counter() - t0
+        best = min(best, t)
+        if bar is not None:                                            # after the timer stopped
+            tick(bar, tokens, f"{name}: {tokens / t:.1f} tokens/s")
     return best / steps
 
 
@@ -55,18 +65,21 @@ def main() -> None:
     args = ap.parse_args()
     print("| shape | teacher ms/token | student (2 dec.) ms/token | speed-up | MFLOP/token T / S | "
           "MB read/token T / S | bytes ceiling |")
-    print("|---|---|---|---|---|---|---|")
-    for name in args.shapes.split(","):
+    print("|---|---|---|---|---|---|---|", flush=True)
+    shapes = args.shapes.split(",")
+    bar = progress(len(shapes) * 2 * (1 + REPEATS) * args.steps * args.batch, "bench_student_speed", unit="token")
+    for name in shapes:
         teacher = official(name)
         student = teacher.replace(decoder_layers=2)
         enc = jnp.asarray(np.random.RandomState(0).randn(args.batch, teacher.n_audio_ctx, teacher.d_model)
                           .astype(np.float32) * 0.5)
-        t = time_decoder(teacher, enc, args.steps)
-        s = time_decoder(student, enc, args.steps)
+        t = time_decoder(teacher, enc, args.steps, bar=bar, name=f"{name} teacher")
+        s = time_decoder(student, enc, args.steps, bar=bar, name=f"{name} student")
         ft, fs = decoder_flops_per_token(teacher, False) / 1e6, decoder_flops_per_token(student, False) / 1e6
         bt, bs = per_token_bytes(teacher, args.batch) / 1e6, per_token_bytes(student, args.batch) / 1e6
-        print(f"| {name} {teacher.decoder_layers}-{teacher.decoder_layers} vs 2 | {1e3 * t:.1f} | {1e3 * s:.1f} | "
-              f"{t / s:.2f}x | {ft:.0f} / {fs:.0f} | {bt:.0f} / {bs:.0f} | {bt / bs:.2f}x |", flush=True)
+        echo(f"| {name} {teacher.decoder_layers}-{teacher.decoder_layers} vs 2 | {1e3 * t:.1f} | {1e3 * s:.1f} | "
+             f"{t / s:.2f}x | {ft:.0f} / {fs:.0f} | {bt:.0f} / {bs:.0f} | {bt / bs:.2f}x |")
+    bar.close()
 
 
 if __name__ == "__main__":

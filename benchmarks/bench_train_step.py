@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from _progress import progress, tick
 from dwjax import losses
 from dwjax import train_step as ts
 from dwjax.config import LossConfig, ModelConfig, OptimConfig
@@ -77,7 +78,12 @@ def make_batch(cfg, batch: int, length: int, seed: int = 0) -> dict:
     return out
 
 
-def bench_jax(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg):
+def _done(bar, name: str, t, n: int) -> None:
+    """One finished step on `bar` (after its timer stopped): t = its seconds, None for the warm-up."""
+    tick(bar, 1, f"{name}: " + ("warm-up" if t is None else f"{1 / t:.2f} steps/s, {n / t:.2f} samples/s"))
+
+
+def bench_jax(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg, bar):
     model_cfg = ModelConfig(scan_layers=args.scan_layers)
     s_model, t_model = ts.make_models(model_cfg, s_cfg, t_cfg)
     tx, schedule = ts.make_optimizer(optim_cfg)
@@ -95,16 +101,18 @@ def bench_jax(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg):
     state, m = compiled(state, teacher, batch)                      # warm-up
     jax.block_until_ready(m)
     first_loss = float(m["loss"])
+    _done(bar, "jax", None, args.batch)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         state, m = compiled(state, teacher, batch)
         jax.block_until_ready(m)
         times.append(time.perf_counter() - t0)
+        _done(bar, "jax", times[-1], args.batch)
     return {"step_s": float(np.median(times)), "compile_s": compile_s, "xla_flops": xla_flops, "loss0": first_loss}
 
 
-def bench_torch(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg):
+def bench_torch(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg, bar):
     import torch
     from transformers import WhisperConfig as HFConfig, WhisperForConditionalGeneration
 
@@ -156,11 +164,13 @@ def bench_torch(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg
         return float(loss.detach())
 
     first_loss = step()                                                # warm-up
+    _done(bar, "torch", None, args.batch)
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
         step()
         times.append(time.perf_counter() - t0)
+        _done(bar, "torch", times[-1], args.batch)
     return {"step_s": float(np.median(times)), "loss0": first_loss, "threads": torch.get_num_threads()}
 
 
@@ -177,15 +187,17 @@ def main(argv=None):
           f"student {s_cfg.encoder_layers}-{s_cfg.decoder_layers} ({count_params(student) / 1e6:.1f}M); batch "
           f"{args.batch} x {args.label_length} labels, {int(batch['loss_mask'].sum())} loss tokens; "
           f"JAX {jax.__version__} on {jax.devices()[0].device_kind} x{jax.device_count()}, {os.cpu_count()} CPUs")
-    j = bench_jax(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg)
+    bar = progress((1 + args.steps) * (1 if args.skip_torch else 2), "bench_train_step", unit="step")
+    j = bench_jax(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg, bar)
     flops_a = analytic_flops(t_cfg, s_cfg, args.batch, args.label_length)
     # XLA counts a loop body once: with scan, or the per-example CPU encoder (lax.map), its count is too low
     loops = args.scan_layers or jax.default_backend() == "cpu"
     flops = j["xla_flops"] if np.isfinite(j["xla_flops"]) and not loops else flops_a
     rows = [("dwjax (jax.jit)", j["step_s"], j["loss0"])]
     if not args.skip_torch:
-        t = bench_torch(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg)
+        t = bench_torch(t_cfg, s_cfg, teacher, student, batch, args, loss_cfg, optim_cfg, bar)
         rows.append((f"PyTorch eager ({t['threads']} threads)", t["step_s"], t["loss0"]))
+    bar.close()
     print(f"\nFLOPs/step: XLA cost_analysis {j['xla_flops'] / 1e9:.1f} G, analytic {flops_a / 1e9:.1f} G; "
           f"MFU uses {'XLA' if flops is j['xla_flops'] else 'analytic'}; peak {args.peak_gflops:.0f} GFLOP/s; "
           f"jax compile {j['compile_s']:.1f} s")

@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from _progress import progress, tick
+
 
 def ensure_data(directory: Path, clips: int) -> list[dict]:
     from dwjax.data.demo import make_demo_data
@@ -48,14 +50,18 @@ def ct2_dir(model: str) -> str:
     return str(tmp)
 
 
-def timed(fn, repeats=1):
+def timed(fn, repeats=1, done=lambda t: None):
+    """Best of `repeats` runs after a warm-up; `done(seconds)` after each run, outside its timing (None: warm-up)."""
     fn()  # warm-up
+    done(None)
     best = float("inf")
     out = None
     for _ in range(repeats):
         t0 = time.perf_counter()
         out = fn()
-        best = min(best, time.perf_counter() - t0)
+        t = time.perf_counter() - t0
+        best = min(best, t)
+        done(t)
     return best, out
 
 
@@ -83,11 +89,18 @@ def main() -> None:
     multilingual = loaded.tokenizer.is_multilingual
     skip = set(filter(None, args.skip.split(",")))
     results = []
+    sizes = [int(b) for b in args.batch_sizes.split(",")]
+    engines = 1 + ("transformers" not in skip) + ("faster-whisper" not in skip)
+    bar = progress(seconds * len(sizes) * engines * 2, "bench_transcribe", unit="audio-s")   # warm-up + 1 timed
 
-    for bs in [int(b) for b in args.batch_sizes.split(",")]:
+    def done(engine, bs):
+        return lambda t: tick(bar, seconds, f"{engine} b{bs}: " +
+                              ("warm-up" if t is None else f"{seconds / t:.2f} audio-s/s"))
+
+    for bs in sizes:
         tr = Transcriber(loaded, batch_size=bs)
         kw = {"language": "en"} if multilingual else {}
-        t, out = timed(lambda: [r.text for r in tr.transcribe(audio, **kw)])
+        t, out = timed(lambda: [r.text for r in tr.transcribe(audio, **kw)], done=done("dwjax", bs))
         dw = out
         results.append(dict(engine="dwjax", batch=bs, seconds=t, audio_s_per_s=seconds / t, wer=100 * wer(refs, out)))
 
@@ -110,7 +123,7 @@ def main() -> None:
                                              **({"language": "en", "task": "transcribe"} if multilingual else {}))
                     texts += [s.strip() for s in proc.batch_decode(gen, skip_special_tokens=True)]
                 return texts
-            t, out = timed(run_hf)
+            t, out = timed(run_hf, done=done("transformers", bs))
             results.append(dict(engine="transformers", batch=bs, seconds=t, audio_s_per_s=seconds / t,
                                 wer=100 * wer(refs, out), same_as_dwjax=float(np.mean([a == b for a, b in zip(out, dw)]))))
 
@@ -133,10 +146,11 @@ def main() -> None:
                                               vad_filter=False)
                     texts.append(" ".join(s.text.strip() for s in segs))
                 return texts
-            t, out = timed(run_fw)
+            t, out = timed(run_fw, done=done("faster-whisper", bs))
             results.append(dict(engine="faster-whisper", batch=bs, seconds=t, audio_s_per_s=seconds / t,
                                 wer=100 * wer(refs, out), same_as_dwjax=float(np.mean([a == b for a, b in zip(out, dw)]))))
 
+    bar.close()
     limit = peak_flops() / encoder_flops(loaded.cfg) * (seconds / len(audio))
     print(f"\n{len(audio)} clips, {seconds:.1f} s of audio, model {args.model}, fp32 greedy")
     print(f"encoder-bound limit at {peak_flops() / 1e9:.0f} GFLOP/s: {limit:.2f} audio-s/s "

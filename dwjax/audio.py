@@ -1,7 +1,11 @@
 """Audio in, Whisper features out.
 
 - `load_audio(path)` / `load_audio_bytes(data)`: decode (wav/flac/ogg/mp3 via libsndfile), downmix to mono,
-  resample with soxr to 16 kHz; float32 numpy. Unusable audio raises `AudioError` naming the file.
+  resample with soxr to 16 kHz; float32 numpy. Unusable audio raises `AudioError` naming the file: missing,
+  unreadable, empty, non-finite, or a truncated WAV (its header promises more audio than the file holds; libsndfile
+  would silently return the shorter audio, where a cut FLAC is an error). Every command loads audio through these.
+- `is_silent(audio)`: peak amplitude below `SILENCE_PEAK` (no speech at all); `transcribe` rejects such files and
+  `pseudo-label` records them as "no speech" without a label.
 - `log_mel_spectrogram(audio, n_mels)`: Whisper's log-mel features in JAX (jittable, batched), equal to
   transformers' `WhisperFeatureExtractor` to ~1e-5.
 - `mix_at_snr`, `white_noise`: additive noise for robustness evaluation.
@@ -27,14 +31,67 @@ HOP_LENGTH = 160
 CHUNK_SECONDS = 30
 N_SAMPLES = CHUNK_SECONDS * SAMPLE_RATE  # 480000 samples in a 30 s window
 N_FRAMES = N_SAMPLES // HOP_LENGTH  # 3000 mel frames per window
+SILENCE_PEAK = 1e-4  # a clip whose peak amplitude is below this holds no speech (pure digital silence or near it)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def is_silent(audio: np.ndarray) -> bool:
+    """True when the clip's peak amplitude is below SILENCE_PEAK (or it has no samples)."""
+    audio = np.asarray(audio)
+    return audio.size == 0 or float(np.max(np.abs(audio))) < SILENCE_PEAK
+
+
+# RIFF data-chunk sizes that streaming writers (ffmpeg, sox to a pipe) leave as placeholders: the length is unknown
+_UNKNOWN_SIZES = (0, 0xFFFFFFFF, 0x7FFFFFFF)
+
+
+def _check_wav_complete(f, total: int, name: str) -> None:
+    """Raise AudioError when the RIFF/WAVE file `f` (a binary file object of `total` bytes) is cut short: its data
+    chunk declares more bytes (by at least one frame) than the file holds. Not a WAV, RF64, a placeholder size
+    or an unparseable header: no verdict here (libsndfile decides)."""
+    f.seek(0)
+    head = f.read(12)
+    if len(head) < 12 or head[8:12] != b"WAVE" or head[:4] not in (b"RIFF", b"RIFX"):
+        return
+    order = "little" if head[:4] == b"RIFF" else "big"
+    offset, block_align = 12, 1
+    while offset + 8 <= total:
+        f.seek(offset)
+        chunk = f.read(8)
+        if len(chunk) < 8:
+            return
+        cid, size = chunk[:4], int.from_bytes(chunk[4:8], order)
+        if cid == b"fmt ":
+            fmt = f.read(min(size, 16))
+            if len(fmt) >= 14:
+                block_align = max(1, int.from_bytes(fmt[12:14], order))
+        elif cid == b"data":
+            available = total - (offset + 8)
+            if size in _UNKNOWN_SIZES or available < 0:
+                return
+            if size - available >= block_align:
+                raise AudioError(
+                    f"audio file {name} is truncated: its WAV header promises {size} bytes of audio "
+                    f"({size // block_align} frames) but the file holds {available} ({available // block_align} "
+                    "frames): the file was cut short")
+            return
+        offset += 8 + size + (size & 1)
+
+
 def _decode(source, name: str, sample_rate: int) -> np.ndarray:
     """Decode `source` (a path or a file-like object) into float32 mono at `sample_rate`; `name` is for messages."""
+    try:
+        if isinstance(source, (str, os.PathLike)):
+            with open(source, "rb") as f:
+                _check_wav_complete(f, os.fstat(f.fileno()).st_size, name)
+        else:
+            _check_wav_complete(source, source.getbuffer().nbytes, name)
+            source.seek(0)
+    except OSError as exc:
+        raise AudioError(f"cannot read audio file {name}: {exc.strerror or exc}") from None
     try:
         data, source_rate = soundfile.read(source, dtype="float32", always_2d=True)
     except Exception as exc:  # libsndfile raises LibsndfileError/RuntimeError/TypeError for bad input
@@ -61,7 +118,8 @@ def _decode(source, name: str, sample_rate: int) -> np.ndarray:
 def load_audio(path: str | os.PathLike, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Read an audio file (wav/flac/ogg/mp3, any rate, any channel count) as float32 mono at `sample_rate`.
 
-    Raises AudioError for a missing, unreadable, empty or non-finite file. Silence is returned as is.
+    Raises AudioError for a missing, unreadable, empty, truncated (WAV) or non-finite file. Silence is returned as
+    is (see `is_silent`).
     """
     path = os.fspath(path)
     if not os.path.exists(path):

@@ -8,21 +8,29 @@ sets. Long-form: recordings over 30 s use `method`; sets of short clips are also
 pauses) into recordings of `long_form_seconds` and transcribed with the long-form method. Noise: each utterance is
 mixed with white noise, babble (the sum of `babble_talkers` other utterances of the set) or a noise file at each SNR,
 with a seed fixed per utterance.
+
+Bad inputs do not stop an evaluation: an utterance whose audio cannot be used (missing, unreadable, truncated,
+empty, non-finite) and a dataset that cannot be read at all are reported through `on_failure` as they are found
+(`dwjax evaluate` prints one line each on stderr) and listed in the results (`failures`: set, id, audio, error;
+per set `failed` and `failures`); every other utterance is scored. Only when nothing at all can be scored does
+`evaluate` raise. Progress (optional): a tqdm bar on stderr per pass, in audio-s/s.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
+import sys
 import time
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
 from dwjax.audio import SAMPLE_RATE, load_audio, load_audio_bytes, mix_at_snr, white_noise
-from dwjax.errors import UserError
+from dwjax.errors import AudioError, UserError
 from dwjax.text.wer import error_rates, repeated_ngrams
 
 RATE_KEYS = ("wer", "orthographic_wer", "ier", "ser", "der")
+MAX_LISTED_FAILURES = 20     # failures listed under the markdown table (the JSON has all)
 
 
 @dataclasses.dataclass
@@ -41,19 +49,34 @@ class EvalOptions:
     k: int = 5                               # speculative draft tokens
 
 
-def load_set(spec: str, max_samples: Optional[int] = None):
-    """(name, [(id, reference text, audio)]) of a dataset spec (anything `read_dataset` accepts)."""
+def read_set(spec: str, max_samples: Optional[int] = None):
+    """(name, [(id, reference text, audio)], [failure]) of a dataset spec (anything `read_dataset` accepts).
+
+    An example whose audio cannot be used is a failure {"set", "id", "audio", "error"}, not an item; a manifest
+    that cannot be read, or that lacks reference text, raises UserError."""
     from dwjax.data.manifest import parse_spec, read_dataset
     name, _ = parse_spec(spec)
     examples = read_dataset(spec)
     if max_samples:
         examples = examples[:max_samples]
-    items = []
+    items, failures = [], []
     for ex in examples:
         if ex.text is None:
             raise UserError(f"{spec}: example {ex.id} has no reference text; evaluation needs transcripts")
-        audio = load_audio(ex.audio_path) if ex.audio_path else load_audio_bytes(ex.audio_bytes, name=ex.id)
+        try:
+            audio = load_audio(ex.audio_path) if ex.audio_path else load_audio_bytes(ex.audio_bytes, name=ex.id)
+        except AudioError as e:
+            failures.append({"set": name, "id": ex.id, "audio": ex.audio_path, "error": str(e)})
+            continue
         items.append((ex.id, ex.text, audio))
+    return name, items, failures
+
+
+def load_set(spec: str, max_samples: Optional[int] = None):
+    """(name, [(id, reference text, audio)]) of a dataset spec; raises on the first unusable example."""
+    name, items, failures = read_set(spec, max_samples)
+    if failures:
+        raise AudioError(f"{name}/{failures[0]['id']}: {failures[0]['error']}")
     if not items:
         raise UserError(f"{spec}: no examples")
     return name, items
@@ -70,14 +93,21 @@ def score(refs: Sequence[str], hyps: Sequence[str]) -> dict:
             "repeated_5grams_ref": int(sum(repeated_ngrams(r, 5, normalize=True) for r in refs))}
 
 
-def _timed_transcribe(transcriber, audios, opts, **kw):
+def _progress(audios, desc: str, enabled: bool):
+    from dwjax.decoding.transcribe import AudioProgress
+    return AudioProgress([len(a) / SAMPLE_RATE for a in audios], desc, enabled=enabled)
+
+
+def _timed_transcribe(transcriber, audios, opts, desc: str = "evaluate", progress: bool = False, **kw):
     if audios:   # warm-up: compile the buckets outside the timing
         _transcribe_all(transcriber, list(audios[: transcriber.batch_size]), opts, **kw)
         if hasattr(transcriber, "reset_stats"):
             transcriber.reset_stats()
-    t0 = time.perf_counter()
-    out = _transcribe_all(transcriber, list(audios), opts, **kw)
-    return out, time.perf_counter() - t0
+    with _progress(audios, desc, progress) as bar:
+        t0 = time.perf_counter()
+        out = _transcribe_all(transcriber, list(audios), opts, progress=bar.callback, **kw)
+        wall = time.perf_counter() - t0
+    return out, wall
 
 
 def _babble(items, i, talkers, rng):
@@ -141,11 +171,11 @@ def make_transcriber(model: str, assistant: Optional[str] = None, batch_size: in
     return tr
 
 
-def evaluate_set(transcriber, name: str, items, opts: EvalOptions) -> dict:
+def evaluate_set(transcriber, name: str, items, opts: EvalOptions, progress: bool = False) -> dict:
     kw = dict(max_new_tokens=opts.max_new_tokens, language=opts.language)
     audios = [a for _, _, a in items]
     refs = [t for _, t, _ in items]
-    results, wall = _timed_transcribe(transcriber, audios, opts, **kw)
+    results, wall = _timed_transcribe(transcriber, audios, opts, desc=f"evaluate {name}", progress=progress, **kw)
     hyps = [r.text for r in results]
     audio_s = sum(len(a) for a in audios) / SAMPLE_RATE
     out = {"name": name, "n": len(items), "audio_s": audio_s, "wall_s": wall, "rtf": wall / audio_s,
@@ -155,43 +185,53 @@ def evaluate_set(transcriber, name: str, items, opts: EvalOptions) -> dict:
     if hasattr(transcriber, "stats"):
         out["speculative"] = transcriber.stats.to_dict()
     if opts.long_form:
-        out["long_form"] = evaluate_long_form(transcriber, items, opts)
+        out["long_form"] = evaluate_long_form(transcriber, items, opts, progress=progress, name=name)
     if opts.noise:
         out["noise"] = {"kind": opts.noise, "snr": {}}
         for snr in opts.snrs:
             noisy = noisy_audio(items, opts.noise, snr, opts.seed, opts.babble_talkers)
-            hyp_n = [r.text for r in _transcribe_all(transcriber, noisy, opts, **kw)]
+            kind = opts.noise if opts.noise in ("white", "babble") else "noise"
+            with _progress(noisy, f"evaluate {name} {kind} {snr:g} dB", progress) as bar:
+                hyp_n = [r.text for r in _transcribe_all(transcriber, noisy, opts, progress=bar.callback, **kw)]
             s = score(refs, hyp_n)
             s.pop("repeated_5grams_per_file")
             out["noise"]["snr"][str(snr)] = s
     return out
 
 
-def _transcribe_all(transcriber, audios, opts: EvalOptions, **kw):
-    """Clips <= 30 s through `transcribe` (batched); longer ones through `transcribe_long` with the chosen method."""
+def _transcribe_all(transcriber, audios, opts: EvalOptions, progress: Optional[Callable] = None, **kw):
+    """Clips <= 30 s through `transcribe` (batched); longer ones through `transcribe_long` with the chosen method.
+    `progress(indices)` is called as clips finish (indices into `audios`)."""
     from dwjax.audio import N_SAMPLES
     from dwjax.decoding.longform import transcribe_long
     short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
     out = [None] * len(audios)
-    for i, r in zip(short, transcriber.transcribe([audios[i] for i in short], **kw) if short else []):
-        out[i] = r
+    if short:
+        extra = {} if progress is None else {"progress": lambda idx: progress([short[j] for j in idx])}
+        for i, r in zip(short, transcriber.transcribe([audios[i] for i in short], **extra, **kw)):
+            out[i] = r
     for i in (i for i in range(len(audios)) if out[i] is None):
         out[i] = transcribe_long(transcriber, audios[i], method=opts.long_form or "chunked",
                                  chunk_length=opts.chunk_length, **kw)
+        if progress is not None:
+            progress([i])
     return out
 
 
-def evaluate_long_form(transcriber, items, opts: EvalOptions) -> dict:
+def evaluate_long_form(transcriber, items, opts: EvalOptions, progress: bool = False, name: str = "") -> dict:
     from dwjax.decoding.longform import transcribe_long
     recs = _long_recordings(items, opts.long_form_seconds)
     hyps, wall, audio_s = [], 0.0, 0.0
-    for ref, audio in recs:
-        t0 = time.perf_counter()
-        r = transcribe_long(transcriber, audio, method=opts.long_form, chunk_length=opts.chunk_length,
-                            max_new_tokens=opts.max_new_tokens, language=opts.language)
-        wall += time.perf_counter() - t0
-        audio_s += len(audio) / SAMPLE_RATE
-        hyps.append(r.text)
+    desc = f"evaluate {name} long-form" if name else "evaluate long-form"
+    with _progress([a for _, a in recs], desc, progress) as bar:
+        for k, (ref, audio) in enumerate(recs):
+            t0 = time.perf_counter()
+            r = transcribe_long(transcriber, audio, method=opts.long_form, chunk_length=opts.chunk_length,
+                                max_new_tokens=opts.max_new_tokens, language=opts.language)
+            wall += time.perf_counter() - t0
+            audio_s += len(audio) / SAMPLE_RATE
+            hyps.append(r.text)
+            bar.callback([k])
     s = score([r for r, _ in recs], hyps)
     return {"method": opts.long_form, "recordings": len(recs), "audio_s": audio_s, "wall_s": wall,
             "rtf": wall / audio_s, **s}
@@ -213,18 +253,50 @@ def macro(sets: list[dict]) -> dict:
     return out
 
 
+def _print_failure(failure: dict) -> None:
+    where = f"{failure['set']}/{failure['id']}" if failure.get("id") is not None else failure["set"]
+    print(f"evaluate: error: {where}: {failure['error']}", file=sys.stderr, flush=True)
+
+
 def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, opts: Optional[EvalOptions] = None,
-             dtype: str = "float32", transcriber=None, log=print) -> dict:
-    """Evaluate `model` (+ `assistant`) on each dataset spec; returns the results dictionary (see module doc)."""
+             dtype: str = "float32", transcriber=None, log=print, on_failure: Optional[Callable[[dict], None]] = None,
+             progress: bool = False) -> dict:
+    """Evaluate `model` (+ `assistant`) on each dataset spec; returns the results dictionary (see module doc).
+
+    Each unusable utterance or unreadable dataset is passed to `on_failure` (default: one line on stderr) and
+    listed in `results["failures"]`; the rest is scored. Raises UserError when no utterance at all can be scored.
+    `progress`: tqdm bars on stderr."""
     opts = opts or EvalOptions()
+    on_failure = on_failure or _print_failure
     if opts.long_form not in (None, "chunked", "sequential"):
         raise UserError(f"unknown long-form method {opts.long_form!r}; use chunked or sequential")
+    loaded, failures = [], []
+    for spec in data:
+        try:
+            name, items, bad = read_set(spec, opts.max_samples)
+        except UserError as e:
+            if len(data) == 1:
+                raise                 # the only dataset: its one-line error is the whole story
+            bad, name, items = [{"set": str(spec), "id": None, "audio": None, "error": str(e)}], None, []
+        for f in bad:
+            on_failure(f)
+        failures += bad
+        if items:
+            loaded.append((name, items, bad))
+        elif name is not None and not bad:
+            failures.append({"set": name, "id": None, "audio": None, "error": f"{spec}: no examples"})
+            on_failure(failures[-1])
+    if not loaded:
+        raise UserError(f"nothing to evaluate: all {len(failures)} input(s) failed (named above)" if failures
+                        else "nothing to evaluate: no examples")
     tr = transcriber or make_transcriber(model, assistant, opts.batch_size, dtype, opts.k)
     sets = []
-    for spec in data:
-        name, items = load_set(spec, opts.max_samples)
-        log(f"evaluating {model}{' + ' + assistant if assistant else ''} on {name} ({len(items)} utterances)")
-        sets.append(evaluate_set(tr, name, items, opts))
+    for name, items, bad in loaded:
+        log(f"evaluating {model}{' + ' + assistant if assistant else ''} on {name} ({len(items)} utterances"
+            + (f", {len(bad)} failed" if bad else "") + ")")
+        s = evaluate_set(tr, name, items, opts, progress=progress)
+        s["failed"], s["failures"] = len(bad), bad
+        sets.append(s)
     cfg = tr.cfg
     return {"model": model, "assistant": assistant,
             "label": model.split("/")[-1].replace("builtin:", "") + (f" + {assistant.split('/')[-1]}" if assistant
@@ -232,7 +304,7 @@ def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, o
             "kind": "teacher+assistant" if assistant else ("student" if cfg.decoder_layers <= 2 else "teacher"),
             "decoder_layers": cfg.decoder_layers, "encoder_layers": cfg.encoder_layers, "dtype": dtype,
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
-            "sets": sets, "macro": macro(sets)}
+            "sets": sets, "macro": macro(sets), "n_failed": len(failures), "failures": failures}
 
 
 def _pct(x) -> str:
@@ -271,4 +343,12 @@ def markdown_table(results: dict) -> str:
             st = s["speculative"]
             lines.append(f"| {s['name']} | {st['acceptance_rate']:.3f} | {st['draft_tokens']} | "
                          f"{st['teacher_forwards']} | {st['tokens_per_round']:.2f} |")
+    failures = results.get("failures") or []
+    if failures:
+        lines += ["", f"**{len(failures)} input(s) failed and were not scored:**", ""]
+        for f in failures[:MAX_LISTED_FAILURES]:
+            where = f"{f['set']}/{f['id']}" if f.get("id") is not None else f["set"]
+            lines.append(f"- {where}: {f['error']}")
+        if len(failures) > MAX_LISTED_FAILURES:
+            lines.append(f"- ... and {len(failures) - MAX_LISTED_FAILURES} more (all in the JSON's `failures`)")
     return "\n".join(lines)

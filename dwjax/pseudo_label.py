@@ -19,8 +19,14 @@ Output, under DIR:
     labelling.json    teacher and decoding options; a rerun with different ones is refused.
     summary.json      audio hours, throughput, WER distribution and kept fractions per dataset (`summarise`).
 
-Rows that cannot be labelled (missing / corrupt / empty audio, over 30 s without a long-form decoder, an unknown
-language) are written with `status` = the reason and no label; `status == "ok"` marks a label. `wer` is the
+Rows that cannot be labelled (missing / corrupt / truncated / empty audio, over 30 s without a long-form decoder,
+an unknown language) are written with `status` = the reason and no label; `status == "ok"` marks a label. Each is
+named on stderr as it is written; the run goes on, and `dwjax pseudo-label` exits 1 at the end when the output
+holds any such failed row. Rows without speech get status "no speech: <why>" and no label either (a teacher
+labels digital silence "you"; on data without references that label would reach training): audio whose peak
+amplitude is below `dwjax.audio.SILENCE_PEAK` (never decoded), or a <= 30 s clip whose teacher no-speech
+probability is above NO_SPEECH_THRESHOLD while its average log-probability is below LOGPROB_THRESHOLD (Whisper's
+own rule for skipping a silent window). No-speech rows are not failures: the summary counts them apart. `wer` is the
 fraction (not %) of word errors of the label against the reference, both normalised with `normalize_english`;
 null where there is no reference or the normalised reference is empty (filter those out, as the paper does).
 `token_ids` are the generated tokens without the prompt and without EOT.
@@ -44,12 +50,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
+from dwjax.audio import N_SAMPLES, SAMPLE_RATE, SILENCE_PEAK, is_silent, load_audio, load_audio_bytes
 from dwjax.data.manifest import Example, read_dataset
 from dwjax.errors import AudioError, ConfigError, UserError
 
 __all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
-           "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB"]
+           "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB", "FAILURE_KINDS", "NO_SPEECH", "is_failure",
+           "status_kind"]
 
 PART_GLOB = "labels-*-of-*-part*.parquet"
 PART_RE = re.compile(r"^labels-(\d{5})-of-(\d{5})-part(\d{5})\.parquet$")
@@ -75,11 +82,17 @@ SCHEMA = pa.schema([
     ("reference", pa.string()),
     ("reference_encoding_errors", pa.bool_()),
     ("wer", pa.float64()),
-    ("status", pa.string()),                 # "ok", or "<kind>: <detail>" (kinds: FAILURE_KINDS)
+    ("status", pa.string()),                 # "ok", "no speech: <why>", or "<kind>: <detail>" (FAILURE_KINDS)
 ])
-#: the kinds of rows that get no label (the part of `status` before the first ":")
+#: the kinds of rows that get no label because something failed (the part of `status` before the first ":")
 FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
                  "long-form decoding failed")
+#: the kind of rows that get no label because they hold no speech (not a failure)
+NO_SPEECH = "no speech"
+#: Whisper's no-speech rule (openai/whisper transcribe()): a window is silent when the no-speech probability is
+#: above NO_SPEECH_THRESHOLD and the decoding's average log-probability is below LOGPROB_THRESHOLD
+NO_SPEECH_THRESHOLD = 0.6
+LOGPROB_THRESHOLD = -1.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -191,8 +204,33 @@ def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
             "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status}
 
 
+def status_kind(status: Optional[str]) -> str:
+    """"ok", NO_SPEECH or the failure kind of a row's `status`."""
+    return "ok" if status == "ok" else (status or "").split(":", 1)[0]
+
+
+def is_failure(status: Optional[str]) -> bool:
+    """A row that got no label because something failed (not "ok", not "no speech")."""
+    return status_kind(status) not in ("ok", NO_SPEECH)
+
+
+def no_speech_status(duration: Optional[float], no_speech_prob: float, avg_logprob: float) -> Optional[str]:
+    """The "no speech: ..." status of a decoded clip of <= 30 s that Whisper's rule calls silent, else None."""
+    if duration is None or duration > N_SAMPLES / SAMPLE_RATE:
+        return None
+    if no_speech_prob > NO_SPEECH_THRESHOLD and avg_logprob < LOGPROB_THRESHOLD:
+        return (f"{NO_SPEECH}: teacher no-speech probability {no_speech_prob:.2f} > {NO_SPEECH_THRESHOLD} with "
+                f"average log-probability {avg_logprob:.2f} < {LOGPROB_THRESHOLD}")
+    return None
+
+
 def _label_row(e: Example, duration: float, text: str, tokens: list[int], language: Optional[str],
                avg_logprob: float, no_speech_prob: float, segments: Optional[list]) -> dict:
+    silent = no_speech_status(duration, float(no_speech_prob), float(avg_logprob))
+    if silent is not None:      # no label; the teacher's scores stay for inspection
+        row = _base_row(e, duration, silent)
+        row.update(language=language, avg_logprob=float(avg_logprob), no_speech_prob=float(no_speech_prob))
+        return row
     row = _base_row(e, duration, "ok")
     row.update(text=text, token_ids=[int(t) for t in tokens], language=language, avg_logprob=float(avg_logprob),
                compression_ratio=compression_ratio(text), no_speech_prob=float(no_speech_prob),
@@ -204,9 +242,9 @@ def _label_row(e: Example, duration: float, text: str, tokens: list[int], langua
 @dataclasses.dataclass
 class _Loaded:
     example: Example
-    audio: Optional[np.ndarray]          # None when unusable
+    audio: Optional[np.ndarray]          # None when unusable (or silent)
     duration: Optional[float]
-    status: str                          # "ok", "long" or the reason
+    status: str                          # "ok", "long", "no speech: ..." or the failure reason
 
 
 def _audio_error_kind(message: str) -> str:
@@ -230,6 +268,8 @@ def _load(e: Example) -> _Loaded:
     except Exception as err:  # a row must never stop the run
         return _Loaded(e, None, e.duration_s, f"unreadable audio: {type(err).__name__}: {err}")
     duration = len(audio) / SAMPLE_RATE
+    if is_silent(audio):
+        return _Loaded(e, None, duration, f"{NO_SPEECH}: silent audio (peak amplitude below {SILENCE_PEAK:g})")
     return _Loaded(e, audio, duration, "long" if len(audio) > N_SAMPLES else "ok")
 
 
@@ -433,6 +473,15 @@ def _transcript_row(e: Example, duration: float, t, timestamps: bool) -> dict:
     return _label_row(e, duration, t.text, t.tokens, t.language or "en", t.avg_logprob, t.no_speech_prob, segs)
 
 
+def _report_failure(row: dict, bar=None) -> None:
+    """One line on stderr naming a row that failed (above the progress bar when there is one)."""
+    line = f"dwjax pseudo-label: error: {row['dataset']}/{row['id']}: {row['status']}"
+    if bar is not None:
+        bar.write(line, file=sys.stderr)
+    else:
+        print(line, file=sys.stderr, flush=True)
+
+
 def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=None) -> Optional[dict]:
     """Label every example of the datasets `specs` not yet labelled under `opts.output` (see the module docstring).
 
@@ -499,7 +548,7 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
 
     part_index = _next_part_index(output, proc, n_proc)
     buffer: list[dict] = []
-    local_audio_s, local_rows, local_ok = 0.0, 0, 0
+    local_audio_s, local_rows, local_ok, local_failed = 0.0, 0, 0, 0
     local_cache: dict = {}
     bar = None
     if is_main_process() and opts.progress and n_batches:
@@ -576,6 +625,9 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                 if r["status"] == "ok":
                     local_ok += 1
                     local_audio_s += r["duration_s"] or 0.0
+                elif is_failure(r["status"]):
+                    local_failed += 1
+                    _report_failure(r, bar)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
                 _write_part(output, proc, n_proc, part_index, buffer)
@@ -589,7 +641,7 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     if bar is not None:
         bar.close()
     wall = time.time() - t0
-    totals = np.array([local_audio_s, local_rows, local_ok], np.float64)
+    totals = np.array([local_audio_s, local_rows, local_ok, local_failed], np.float64)
     if n_proc > 1:
         from jax.experimental import multihost_utils
         totals = np.asarray(multihost_utils.process_allgather(totals)).reshape(n_proc, -1).sum(axis=0)
@@ -597,7 +649,7 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     if not is_main_process():
         return None
     run = {"processes": n_proc, "devices": n_dev, "global_batch": global_b, "per_device_batch": opts.batch_size,
-           "rows_this_run": int(totals[1]), "labelled_this_run": int(totals[2]),
+           "rows_this_run": int(totals[1]), "labelled_this_run": int(totals[2]), "failed_this_run": int(totals[3]),
            "audio_hours_this_run": float(totals[0]) / 3600, "wall_s": wall, "total_s": time.time() - started,
            "audio_s_per_s": float(totals[0]) / wall if wall > 0 else None}
     summary = summarise(read_labels(output), run=run, options=opts.fixed())
@@ -622,13 +674,16 @@ def _group_summary(rows: list[dict]) -> dict:
     with_ref = [r for r in ok if r["reference"] is not None]
     scored = sorted(r["wer"] for r in ok if r["wer"] is not None)
     statuses: dict[str, int] = {}
+    no_speech = 0
     for r in rows:
-        if r["status"] != "ok":
-            key = r["status"].split(":", 1)[0]
+        if status_kind(r["status"]) == NO_SPEECH:
+            no_speech += 1
+        elif r["status"] != "ok":
+            key = status_kind(r["status"])
             statuses[key] = statuses.get(key, 0) + 1
     corpus = error_rates([r["reference"] for r in with_ref], [r["text"] for r in with_ref]) if with_ref else None
     out = {
-        "rows": len(rows), "ok": len(ok), "failed": len(rows) - len(ok),
+        "rows": len(rows), "ok": len(ok), "no_speech": no_speech, "failed": len(rows) - len(ok) - no_speech,
         "audio_hours": sum(r["duration_s"] or 0.0 for r in ok) / 3600,
         "with_reference": len(with_ref), "empty_references": len(with_ref) - len(scored),
         "no_reference": len(ok) - len(with_ref),
@@ -687,6 +742,8 @@ def format_summary(summary: dict) -> str:
     lines.append(f"WER in %; '<=T': fraction (%) of labelled rows kept by a WER <= T% filter; "
                  f"{o['empty_references']} empty reference(s), {o['no_reference']} without reference, "
                  f"{o['reference_encoding_errors']} with non-UTF-8 reference text")
+    if o.get("no_speech"):
+        lines.append(f"no-speech rows (no label, not failures): {o['no_speech']}")
     if o["failures"]:
         lines.append("failed rows: " + "; ".join(f"{n} x {reason}" for reason, n in o["failures"].items()))
     if summary.get("duplicates"):

@@ -346,3 +346,25 @@ def calibrate_eot(hf_model, gen, mel, prompt, max_new_tokens: int, ends=None, ma
 def dataclasses_replace(obj, **kw):
     import dataclasses
     return dataclasses.replace(obj, **kw)
+
+
+def tiny_loaded_model(seed: int = 0, decoder_layers: int = 3):
+    """A tiny random-weight LoadedModel (d_model 32, every leaf random) with builtin:whisper-tiny.en's tokenizer
+    and generation settings: small enough to save, export and load in a fraction of a second."""
+    import json
+
+    import jax
+
+    from dwjax.models.whisper import init_params
+    from dwjax.text.tokenizer import WhisperTokenizer
+    from dwjax.weights.loading import LoadedModel, _builtin
+    cfg = WhisperConfig(n_mels=80, n_audio_ctx=8, n_text_ctx=16, d_model=32, encoder_layers=2,
+                        decoder_layers=decoder_layers, encoder_heads=2, decoder_heads=4, ffn_dim=128,
+                        vocab_size=51864)
+    rng = np.random.default_rng(seed)
+    params = jax.tree_util.tree_map(lambda x: rng.standard_normal(x.shape).astype(np.float32),
+                                    init_params(cfg, jax.random.PRNGKey(seed)))
+    directory, _ = _builtin("builtin:whisper-tiny.en")
+    generation = json.loads((directory / "config.json").read_text())
+    return LoadedModel(cfg, params, WhisperTokenizer.from_dir(directory, vocab_size=cfg.vocab_size), generation,
+                       f"tiny-random-{seed}")

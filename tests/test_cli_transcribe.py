@@ -41,8 +41,10 @@ def test_good_and_bad_files_together(files, capsys):
     assert rc == 1
     lines = out.strip().splitlines()
     assert len(lines) == 2                      # good.flac and the stereo 44.1 kHz copy
+    # several inputs: each line is FILE<TAB>TEXT
+    assert [line.split("\t", 1)[0] for line in lines] == [str(d / "good.flac"), str(d / "stereo44k.wav")]
     from dwjax.text.wer import wer
-    assert wer([text, text], lines) < 0.35
+    assert wer([text, text], [line.split("\t", 1)[1] for line in lines]) < 0.35
     errors = [l for l in err.strip().splitlines() if l.startswith("dwjax transcribe: error:")]
     assert len(errors) == 5
     for name in ("missing.wav", "corrupt.wav", "empty.wav", "silence.wav", "nan.wav"):

@@ -318,7 +318,7 @@ def test_cli_writes(tmp_path, capsys):
     # --overwrite replaces a non-empty directory whole
     (tmp_path / "o" / "stale.txt").write_text("x")
     assert _cli("--model", TEACHER, "--format", "openai", "--output", tmp_path / "o", "--overwrite") == 0
-    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["model.pt", "vocabulary.txt"]
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["checksums.sha256", "model.pt", "vocabulary.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["o"]
 
 

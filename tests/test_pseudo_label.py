@@ -52,7 +52,12 @@ def _label(corpus, output, processes=1, group=False, extra=()):
               log_dir=Path(output).parent / f"logs-{Path(output).name}")
     if group:
         return multiprocess.start(argv, **kw)
-    return multiprocess.run(argv, timeout=300, **kw)
+    results = multiprocess.run(argv, timeout=300, check=False, **kw)
+    # the corpus holds 3 broken files: process 0 reports them with exit 1; the other processes exit 0
+    codes = [r.returncode for r in results]
+    assert codes == [1] + [0] * (processes - 1), "\n".join(map(str, results))
+    assert "3 of 6 rows" in results[0].output
+    return results
 
 
 def _rows(output) -> list[dict]:

@@ -6,11 +6,19 @@
     dwjax evaluate --config eval.yaml            # the same keys as the options (data: a list), CLI overrides
 
 Prints a markdown table; --output writes the full results (per file hypotheses too) as JSON for `dwjax report`.
+Progress goes to stderr (a bar per pass, in audio-s/s; --no-progress hides it).
+
+Bad inputs: each utterance whose audio cannot be used (missing, corrupt, truncated, empty, non-finite), and each
+dataset that cannot be read when several are given, is named on stderr, one line each, and listed in the table
+and in the JSON's `failures` (set, id, audio, error; per set `failed`); everything else is still scored and
+written. Exit status: 0 when every input was scored; 1 when some input failed (the results of the good ones were
+still printed and written) or nothing could be evaluated (one line on stderr says why); 2 for usage errors.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 from dwjax.errors import ConfigError, UserError
@@ -40,6 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="noise seed (default 0)")
     p.add_argument("--language")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
+    p.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bars")
     return p
 
 
@@ -88,12 +97,24 @@ def main(argv=None) -> int:
         if conf.get(key) is not None:
             setattr(opts, key, conf[key])
     opts.snrs = tuple(conf["snr"])
+    def on_failure(f: dict) -> None:
+        where = f"{f['set']}/{f['id']}" if f.get("id") is not None else f["set"]
+        print(f"dwjax evaluate: error: {where}: {f['error']}", file=sys.stderr, flush=True)
+
     results = evaluate(conf["model"], conf["data"], assistant=conf.get("assistant"), opts=opts,
-                       dtype=conf.get("dtype") or "float32")
+                       dtype=conf.get("dtype") or "float32", on_failure=on_failure, progress=not args.no_progress)
     print(markdown_table(results))
     if conf.get("output"):
         out = Path(conf["output"])
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, default=float))
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(results, indent=2, default=float))
+        except OSError as e:
+            raise UserError(f"cannot write {out}: {e.strerror or e}") from None
         print(f"\nwrote {out}")
+    n_failed = results.get("n_failed", 0)
+    if n_failed:
+        n_scored = sum(s["n"] for s in results["sets"])
+        print(f"dwjax evaluate: {n_failed} input(s) failed (named above); {n_scored} scored", file=sys.stderr)
+        return 1
     return 0

@@ -1,4 +1,8 @@
-"""`dwjax export`: write a model as transformers, CTranslate2 (faster-whisper) or OpenAI files."""
+"""`dwjax export`: write a model as transformers, CTranslate2 (faster-whisper) or OpenAI files.
+
+Each output directory carries `checksums.sha256` (the sha256 of its weight file), checked by `load_model`. The
+hf and ctranslate2 formats need `tokenizers` (installed with dwjax); openai needs torch (`pip install torch`).
+"""
 from __future__ import annotations
 
 import argparse
@@ -41,10 +45,16 @@ def main(argv: list[str]) -> int:
         raise UserError("--decoder-only is only for --format hf (a transformers assistant model)")
     from pathlib import Path
     export._check_output(Path(args.output).expanduser(), args.overwrite)
+    export.check_writable(args.output)          # a read-only or forbidden --output, before the model is loaded
+    export.needs(args.fmt)                      # torch for openai, tokenizers for hf / ctranslate2
 
     model = export.resolve_model(args.model)
-    out = export.export_model(model, args.fmt, args.output, dtype=args.dtype, overwrite=args.overwrite,
-                              decoder_only=args.decoder_only)
+    try:
+        out = export.export_model(model, args.fmt, args.output, dtype=args.dtype, overwrite=args.overwrite,
+                                  decoder_only=args.decoder_only)
+    except OSError as e:                        # disk full, permissions changed meanwhile: nothing was left behind
+        where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+        raise UserError(f"cannot write {args.output}: {e.strerror or e}{where}") from None
     what = "WhisperForCausalLM decoder" if args.decoder_only else model.cfg.__class__.__name__
     print(f"wrote {args.fmt} ({args.dtype}) of {model.source} to {out}"
           + (f" [{what}]" if args.decoder_only else ""))

@@ -4,7 +4,8 @@
     dwjax init-student --teacher openai-large-v2/ --decoder-layer-ids 0,31 --output students/large-2
 
 The output is a dwjax model directory (`load_model` reads it; `model.student` of a distillation config names it)
-whose metadata records the teacher and the teacher layer ids each student layer came from.
+whose metadata records the teacher and the teacher layer ids each student layer came from, and whose
+checksums.sha256 records the sha256 of params.safetensors (`load_model` verifies it; files get the user's umask).
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from dwjax.errors import UserError
 from dwjax.models.student import make_student, student_layer_ids
 from dwjax.models.whisper import count_params
 
-_WRITTEN = ("params.safetensors", "vocabulary.txt", "dwjax_config.json")
+_WRITTEN = ("params.safetensors", "vocabulary.txt", "dwjax_config.json", "checksums.sha256")
 
 
 def _ids(text: str) -> list[int]:
@@ -52,7 +53,9 @@ def main(argv: list[str]) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--output {out} is not empty: choose another directory or pass --overwrite")
 
+    from dwjax.weights.export import check_writable
     from dwjax.weights.loading import load_model, save_dwjax
+    check_writable(out)                                   # before the teacher is loaded
     teacher = load_model(args.teacher)
     choice = dict(decoder_layers=args.decoder_layers, decoder_layer_ids=args.decoder_layer_ids,
                   encoder_layers=args.encoder_layers)

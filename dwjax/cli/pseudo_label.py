@@ -11,10 +11,19 @@ DIR's part files are skipped, also when the number of processes changed.
 
 Writes DIR/labels-PPPPP-of-NNNNN-partKKKKK.parquet (read them with
 `datasets.load_dataset("parquet", data_files="DIR/labels-*.parquet")`), DIR/labelling.json and DIR/summary.json.
+
+Rows that cannot be labelled (missing, corrupt, truncated or empty audio, ...) are recorded with their reason in
+`status` and named on stderr, one line each; every other row is still labelled and written. Silent rows are
+recorded as "no speech: ..." without a label (not a failure).
+Exit status: 0 when every row under DIR is labelled or no-speech; 1 when DIR holds failed rows (everything else
+was labelled and written; a rerun into the same DIR does not retry them) or nothing could be done (one line on
+stderr says why); 2 for usage errors. In a multi-process run process 0 reports the whole run; the other
+processes exit 0 once their rows are written.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dwjax.config import add_config_args
 
@@ -66,5 +75,12 @@ def main(argv=None) -> int:
         num_workers=args.workers if args.workers is not None else cfg.data.num_workers,
         progress=not args.no_progress,
     )
-    label_datasets(args.data, opts, cfg)
+    summary = label_datasets(args.data, opts, cfg)
+    failed = (summary or {}).get("overall", {}).get("failed", 0)
+    if failed:
+        rows = summary["overall"]["rows"]
+        kinds = "; ".join(f"{n} x {kind}" for kind, n in summary["overall"]["failures"].items())
+        print(f"dwjax pseudo-label: {failed} of {rows} rows under {opts.output} failed and have no label ({kinds}); "
+              "their reasons are in the `status` column", file=sys.stderr)
+        return 1
     return 0

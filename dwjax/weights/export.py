@@ -16,6 +16,8 @@ Files written into the output directory:
                suppress_ids, suppress_ids_begin), vocabulary.txt, tokenizer.json (faster-whisper reads it; without
                it faster-whisper would download one).
   openai       model.pt ({"dims", "model_state_dict"}; needs torch) and vocabulary.txt beside it.
+  every format checksums.sha256: the sha256 of the weight file (model.safetensors, model.bin or model.pt), in
+               `sha256sum` format; `load_model` verifies it (`dwjax/weights/integrity.py`).
 
 Alignment heads (cross-attention heads that follow the audio, used for word timestamps): the model's own heads
 when they all exist in its decoder. A student with fewer decoder layers than its teacher carries the teacher's
@@ -24,7 +26,9 @@ heads; when its metadata names the teacher layer each decoder layer came from
 otherwise every head of the last half of the decoder layers is used (OpenAI's default when a model has none).
 
 Everything is written into a temporary directory beside the target and renamed into place at the end, so a failed
-export leaves nothing behind and an existing output is replaced only with `overwrite`.
+export leaves nothing behind and an existing output is replaced only with `overwrite`. The directory and its files
+get the user's umask (0o777 / 0o666 & ~umask). An output that cannot be written (a read-only file system, no
+permission, /sys/...) is a one-line UserError before any weights are converted (`check_writable`).
 """
 from __future__ import annotations
 
@@ -39,10 +43,11 @@ import numpy as np
 
 from dwjax.errors import UserError, WeightsError
 from dwjax.models.configs import WhisperConfig
-from dwjax.weights import ctranslate2, names
+from dwjax.weights import ctranslate2, integrity, names
 from dwjax.weights.loading import LoadedModel, load_model
 
 FORMATS = ("hf", "ctranslate2", "openai")
+WEIGHT_FILE = {"hf": "model.safetensors", "ctranslate2": "model.bin", "openai": "model.pt"}
 DTYPES = {"float32": np.float32, "float16": np.float16}
 CT2_REVISION = 3            # WhisperSpec's revision in CTranslate2 4.x (and in OpenAI's converted models)
 CT2_GELU = 3                # CTranslate2's Activation enum: RELU 0, GELU_TANH 1, SWISH 2, GELU 3
@@ -271,6 +276,33 @@ def _check_output(output: Path, overwrite: bool) -> None:
         raise UserError(f"--output {output} is not empty; pass --overwrite to replace it")
 
 
+def check_writable(output) -> None:
+    """Raise UserError (one line) unless a directory can be created beside `output` (in its nearest existing
+    ancestor): probes with a temporary directory that is removed at once. Run before loading a model."""
+    output = Path(os.path.expanduser(str(output))).absolute()
+    parent = output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserError(f"--output {output}: {parent} is not a directory")
+    try:
+        probe = tempfile.mkdtemp(prefix=f".{output.name}.probe-", dir=parent)
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write in {parent}: {e.strerror or e}") from None
+    os.rmdir(probe)
+
+
+def needs(fmt: str) -> None:
+    """Raise WeightsError (one line) when a package `fmt` needs is missing: tokenizers (hf, ctranslate2; a
+    dependency of dwjax) and torch (openai, optional)."""
+    import importlib.util
+    if fmt == "openai" and importlib.util.find_spec("torch") is None:
+        raise WeightsError("the openai format (.pt) needs PyTorch: pip install torch")
+    if fmt in ("hf", "ctranslate2") and importlib.util.find_spec("tokenizers") is None:
+        raise WeightsError(f"the {fmt} format writes tokenizer.json, which needs the tokenizers package: "
+                           "pip install tokenizers")
+
+
 def export_model(model: LoadedModel, fmt: str, output, dtype: str = "float32", overwrite: bool = False,
                  decoder_only: bool = False) -> Path:
     """Write `model` as `fmt` into the directory `output` (all or nothing); returns the directory."""
@@ -282,8 +314,11 @@ def export_model(model: LoadedModel, fmt: str, output, dtype: str = "float32", o
         raise UserError("--decoder-only is only for --format hf (a transformers assistant model)")
     output = Path(os.path.expanduser(str(output))).absolute()
     _check_output(output, overwrite)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.export-", dir=output.parent))
+    except OSError as e:
+        raise UserError(f"--output {output}: cannot write in {output.parent}: {e.strerror or e}") from None
     try:
         if fmt == "hf":
             write_hf(model, tmp, dtype, decoder_only)
@@ -291,6 +326,8 @@ def export_model(model: LoadedModel, fmt: str, output, dtype: str = "float32", o
             write_ct2(model, tmp, dtype)
         else:
             write_openai(model, tmp, dtype)
+        integrity.write_record(tmp, [WEIGHT_FILE[fmt]])
+        integrity.apply_umask(tmp)          # mkdtemp made it 0700, safetensors' save_file 0600
         _check_output(output, overwrite)   # again: something may have appeared meanwhile
         old = None
         if output.exists():
@@ -302,14 +339,4 @@ def export_model(model: LoadedModel, fmt: str, output, dtype: str = "float32", o
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    mask = _umask()
-    os.chmod(output, 0o777 & ~mask)   # mkdtemp made it 0700
-    for f in output.iterdir():
-        os.chmod(f, 0o666 & ~mask)
     return output
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
