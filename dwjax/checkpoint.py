@@ -88,6 +88,17 @@ from dwjax.errors import CheckpointError
 
 log = logging.getLogger(__name__)
 
+
+class _QuietAbsl(logging.Filter):
+    """Drops orbax's warning on every save without metrics (we set best_fn for `keep_best`, and steps saved before
+    the first evaluation have none: they simply never count as best)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Requested `tracked_metric`; did not provide metrics")
+
+
+logging.getLogger("absl").addFilter(_QuietAbsl())
+
 #: item names inside a step directory
 STATE_ITEM, DATA_ITEM, META_ITEM = "state", "data_position", "meta"
 #: the file (in each step directory) listing every other file's size and CRC-32
@@ -102,6 +113,43 @@ _UNCHECKED = frozenset({"_CHECKPOINT_METADATA", "commit_success.txt", MANIFEST_N
 
 class CheckpointCorruptError(CheckpointError):
     """A checkpoint whose files are missing, truncated or altered since they were written."""
+
+
+class CheckpointFallbackWarning(RuntimeWarning):
+    """`restore_latest_valid` skipped a damaged step (one line: which step and why)."""
+
+
+def _short(e: BaseException, limit: int = 160) -> str:
+    """An orbax/tensorstore error as one short line (their messages run to kilobytes of specs)."""
+    text = " ".join(str(e).split())
+    text = text.split(" See full TensorStore details")[0]
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _is_orbax_read_noise(unraisable) -> bool:
+    """What a failed orbax restore leaves behind: its pending tensorstore reads complete after orbax's event loop
+    closed ("Event loop is closed", raised in tensorstore's callback threads) and the read coroutines that never
+    got awaited are collected with their error. Both reach `sys.unraisablehook` (one traceback each, ~140 for a
+    small model); the restore itself already raised and was reported."""
+    exc, obj = unraisable.exc_value, unraisable.object
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed" and obj is None:
+        return True
+    filename = getattr(getattr(obj, "cr_code", None), "co_filename", "") or ""
+    return "orbax" in filename or "tensorstore" in filename
+
+
+def _silence_orbax_read_noise() -> None:
+    """Install (once) an unraisable hook dropping `_is_orbax_read_noise`; everything else goes to the old hook."""
+    import sys
+    previous = sys.unraisablehook
+    if getattr(previous, "_dwjax_filter", False):
+        return
+
+    def hook(unraisable):
+        if not _is_orbax_read_noise(unraisable):
+            previous(unraisable)
+    hook._dwjax_filter = True
+    sys.unraisablehook = hook
 
 
 def checkpoint_dir(output_dir: str | os.PathLike) -> Path:
@@ -321,6 +369,7 @@ class Checkpointer:
         self.read_only = read_only
         self._run_config = to_dict(run_config) if run_config is not None else {"checkpoint": to_dict(cfg)}
         self._pending_step: int | None = None
+        self.skipped: list[tuple[int, str]] = []     # (step, reason) of steps the last restore_latest_valid skipped
         if read_only and not self.directory.is_dir():
             raise CheckpointError(f"checkpoint directory {self.directory} does not exist")
         registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
@@ -452,7 +501,8 @@ class Checkpointer:
             return self._mgr.item_metadata(step)[STATE_ITEM].tree
         except Exception as e:  # noqa: BLE001 - orbax/tensorstore raise many types for unreadable metadata
             path = self.step_dir(step) / STATE_ITEM / "_METADATA"
-            raise CheckpointCorruptError(f"checkpoint {self.step_dir(step)}: cannot read {path}: {e}") from e
+            raise CheckpointCorruptError(f"checkpoint {self.step_dir(step)}: cannot read {path}: "
+                                         f"{type(e).__name__}: {_short(e)}") from e
 
     def _target(self, step: int, abstract_state: Any, shardings: Any) -> Any:
         """ShapeDtypeStructs (with target shardings) to restore into; shapes checked against the checkpoint."""
@@ -505,29 +555,34 @@ class Checkpointer:
         if step not in steps:
             raise CheckpointError(f"no complete checkpoint for step {step} in {self.directory}; "
                                   f"available: {', '.join(map(str, steps)) or 'none'}")
-        if verify:
-            self.verify(step, full=True)
+        checked = self.verify(step, full=True) if verify else False
         target = self._target(step, abstract_state, shardings)
         args = ocp.args.Composite(**{STATE_ITEM: ocp.args.StandardRestore(target),
                                      DATA_ITEM: ocp.args.JsonRestore(), META_ITEM: ocp.args.JsonRestore()})
         try:
             out = self._mgr.restore(step, args=args)
         except Exception as e:  # noqa: BLE001 - tensorstore/orbax errors for unreadable data vary
-            msg = " ".join(str(e).split())[:500]
-            raise CheckpointCorruptError(f"checkpoint {self.step_dir(step)} could not be read: "
-                                         f"{type(e).__name__}: {msg}") from e
+            _silence_orbax_read_noise()
+            import gc
+            gc.collect()          # the abandoned read coroutines go now, not in the middle of training
+            why = "" if checked else f" (it has no {MANIFEST_NAME} integrity record, so it was not checked first)"
+            raise CheckpointCorruptError(f"checkpoint {self.step_dir(step)} could not be read{why}: "
+                                         f"{type(e).__name__}: {_short(e)}") from e
         return out[STATE_ITEM], dict(out[DATA_ITEM] or {}), dict(out[META_ITEM] or {})
 
     def restore_latest_valid(self, abstract_state: Any = None, shardings: Any = None, *,
                              verify: bool = True) -> tuple[Any, dict, dict]:
-        """`restore` the newest step that is intact, warning about each damaged newer step it skips."""
+        """`restore` the newest step that is intact, warning (`CheckpointFallbackWarning`, one line each) about
+        each damaged newer step it skips; `self.skipped` lists them as (step, reason)."""
         failures = []
+        self.skipped: list[tuple[int, str]] = []
         for step in reversed(self.all_steps()):
             try:
                 return self.restore(step, abstract_state, shardings, verify=verify)
             except CheckpointCorruptError as e:
-                warnings.warn(f"{e}; falling back to the previous checkpoint", RuntimeWarning, stacklevel=2)
-                log.warning("%s; falling back to the previous checkpoint", e)
+                warnings.warn(CheckpointFallbackWarning(f"{e}; falling back to the previous checkpoint"),
+                              stacklevel=2)
+                self.skipped.append((step, str(e)))
                 failures.append(str(e))
         if not failures:
             raise CheckpointError(f"no complete checkpoint in {self.directory}")

@@ -26,7 +26,7 @@ from dwjax import mesh as mesh_lib
 from dwjax.audio import log_mel_spectrogram
 from dwjax.config import Config, to_dict, to_yaml, validate_for_devices
 from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
-from dwjax.errors import UserError
+from dwjax.errors import UserError, WeightsError
 from dwjax.metrics import MetricsWriter
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
@@ -111,26 +111,110 @@ def _host(tree):
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
-def _set_aside_newer(checkpointer: ckpt_lib.Checkpointer, restored: int, cfg: Config) -> ckpt_lib.Checkpointer:
+def _set_aside_newer(checkpointer: ckpt_lib.Checkpointer, restored: int,
+                     cfg: Config) -> tuple[ckpt_lib.Checkpointer, dict]:
     """After a fallback to `restored`, rename the damaged newer step directories to `<step>.corrupt-<time>` (kept
     for inspection, invisible to step listing) so that those steps are written afresh; returns a reopened
-    checkpointer. Without this the manager still lists the damaged step and skips saving it again."""
+    checkpointer and {step: new path} (process 0; empty elsewhere). Without this the manager still lists the
+    damaged step and skips saving it again."""
     newer = [s for s in checkpointer.all_steps() if s > restored]
+    moved = {}
     if not newer:
-        return checkpointer
+        return checkpointer, moved
     if mesh_lib.is_main_process():
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for s in newer:
             src = checkpointer.step_dir(s)
             dst = src.with_name(f"{s}.corrupt-{stamp}")
             os.replace(src, dst)
-            _log(f"checkpoint step {s} is damaged: moved to {dst}")
+            moved[s] = dst
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("dwjax-set-aside-corrupt-checkpoints")
     directory = checkpointer.directory
     checkpointer.close()
-    return ckpt_lib.Checkpointer(directory, cfg)
+    return ckpt_lib.Checkpointer(directory, cfg), moved
+
+
+def _fallback_lines(skipped: list[tuple[int, str]], moved: dict, start_step: int) -> list[str]:
+    """One line per damaged step a resume skipped: which, why, where it went and the step used instead."""
+    reasons = dict(skipped)
+    lines = []
+    for s in sorted(set(reasons) | set(moved), reverse=True):
+        why = reasons.get(s, "newer than the restored step")
+        where = f"; set aside as {moved[s].name}" if s in moved else ""
+        lines.append(f"checkpoint step {s} skipped: {why}{where}; resuming from step {start_step} instead")
+    return lines
+
+
+def _load(role: str, source: str) -> LoadedModel:
+    """`load_model` for model.teacher / model.student: its UserErrors (WeightsError: a missing, truncated or
+    altered file) pass through as they are; anything else a broken file can raise becomes one WeightsError."""
+    try:
+        return load_model(source)
+    except UserError:
+        raise
+    except (OSError, ValueError, KeyError, EOFError, RuntimeError) as e:
+        detail = " ".join(str(e).split())[:200]
+        raise WeightsError(f"model.{role}={source} cannot be loaded: {type(e).__name__}: {detail}") from None
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own SafetensorError (not an OSError)
+        if type(e).__name__ != "SafetensorError":
+            raise
+        detail = " ".join(str(e).split())[:200]
+        raise WeightsError(f"model.{role}={source}: a weight file is damaged or truncated ({detail})") from None
+
+
+class _Progress:
+    """The tqdm bar over *finished* steps. A step counts once its loss is on hand: `dispatched` keeps at most one
+    step in flight (it waits for the one before, which the device has usually finished: the host still runs one
+    step ahead), `poll` counts whatever is already done without waiting, `drain` waits for the rest. The postfix
+    shows samples/s and audio-s/s of finished steps over the last `window` (tqdm's own rate is steps/s)."""
+
+    def __init__(self, bar, samples_per_step: int, audio_scale: float = 1.0, window: int = 20):
+        import collections
+        self.bar, self.samples_per_step, self.audio_scale = bar, samples_per_step, audio_scale
+        self.pending = collections.deque()            # (loss array, audio seconds) of dispatched, uncounted steps
+        self.recent = collections.deque(maxlen=window)  # (finish time, samples, audio seconds)
+        self.info: dict[str, str] = {}
+        self.finished = 0
+
+    def dispatched(self, loss, audio_seconds: float) -> None:
+        self.pending.append((loss, float(audio_seconds) * self.audio_scale))
+        while len(self.pending) > 1:
+            self._finish()
+
+    def poll(self) -> None:
+        while self.pending and _is_ready(self.pending[0][0]):
+            self._finish()
+
+    def drain(self) -> None:
+        while self.pending:
+            self._finish()
+
+    def show(self, **info: str) -> None:
+        self.info.update(info)
+        self.bar.set_postfix(self.info, refresh=False)
+
+    def _finish(self) -> None:
+        loss, audio = self.pending.popleft()
+        jax.block_until_ready(loss)
+        self.recent.append((time.time(), self.samples_per_step, audio))
+        self.finished += 1
+        if len(self.recent) >= 2:                      # rates between finishes (the first step's compile excluded)
+            dt = self.recent[-1][0] - self.recent[0][0]
+            if dt > 0:
+                later = list(self.recent)[1:]
+                self.info["smp/s"] = f"{sum(r[1] for r in later) / dt:.2f}"
+                self.info["audio-s/s"] = f"{sum(r[2] for r in later) / dt:.1f}"
+                self.bar.set_postfix(self.info, refresh=False)
+        self.bar.update(1)
+
+
+def _is_ready(x) -> bool:
+    try:
+        return bool(x.is_ready())
+    except AttributeError:                            # not a jax.Array (a host value): done
+        return True
 
 
 #: per-step ids of the examples each process trained on, in the log directory (one JSON line per step)
@@ -161,35 +245,39 @@ def run(cfg: Config, *, devices=None) -> dict:
         raise UserError("model.student is not set: run `dwjax init-student --teacher T --decoder-layers 2 "
                         "--output DIR` and pass model.student=DIR")
 
-    teacher = load_model(cfg.model.teacher)
-    student = load_model(cfg.model.student)
-    tok = teacher.tokenizer
-    if student.cfg.vocab_size != teacher.cfg.vocab_size:
-        raise UserError(f"student vocabulary ({student.cfg.vocab_size}) differs from the teacher's "
-                        f"({teacher.cfg.vocab_size}): make the student from this teacher")
-
-    # data, after the WER filter (counts reported per set)
+    # data first (cheap, and the commonest mistake), after the WER filter (counts reported per set)
     sets, counts = [], {}
     for ds in cfg.data.train:
         s, c = read_labelled(ds.name, ds.path, cfg.data.wer_threshold, ds.weight, cfg.data.max_label_length)
         sets.append(s)
         counts[ds.name] = c
+
+    teacher = _load("teacher", cfg.model.teacher)
+    student = _load("student", cfg.model.student)
+    tok = teacher.tokenizer
+    if student.cfg.vocab_size != teacher.cfg.vocab_size:
+        raise UserError(f"student vocabulary ({student.cfg.vocab_size}) differs from the teacher's "
+                        f"({teacher.cfg.vocab_size}): make the student from this teacher")
+    length = label_length(sets, cfg.data.max_label_length)
+    accum = cfg.train.grad_accum_steps
+    global_batch = cfg.train.per_device_batch_size * n_dev * accum      # examples per optimizer step
+
+    from dwjax.train_step import make_sharded_train_step
+    steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)   # checks the model fits the mesh
+
+    # everything that can be refused has been checked: now say what the run is
     for name, c in counts.items():
         _log(f"data {name}: {c['kept']}/{c['total']} kept (WER > {cfg.data.wer_threshold}%: {c['dropped_wer']}, "
              f"empty reference: {c['dropped_empty_reference']}, too long: {c['dropped_long']}, "
              f"failed labelling: {c['total'] - c['ok']})")
-    length = label_length(sets, cfg.data.max_label_length)
-    accum = cfg.train.grad_accum_steps
-    global_batch = cfg.train.per_device_batch_size * n_dev * accum
+    if devices is None:
+        mesh_lib.banner(cfg, global_batch)       # global_batch already includes the accumulation
+        _log(f"labels padded to {length} tokens")
+    else:
+        _log(f"labels padded to {length} tokens; global batch {global_batch} "
+             f"({cfg.train.per_device_batch_size}/device x {n_dev} devices x {accum} accumulation); mesh {shape}")
     batches = TrainBatches(sets, LabelEncoder(tok, length, cfg.data.timestamp_probability), global_batch,
                            cfg.data.seed, jax.process_index(), n_proc, cfg.data.num_workers)
-    if devices is None:
-        mesh_lib.banner(cfg, global_batch)
-    _log(f"labels padded to {length} tokens; global batch {global_batch} "
-         f"({cfg.train.per_device_batch_size}/device x {n_dev} devices x {accum} accumulation); mesh {shape}")
-
-    from dwjax.train_step import make_sharded_train_step
-    steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)
     teacher_params = steps.shard_teacher(teacher.params)
 
     # where to start (documented order in dwjax/checkpoint.py)
@@ -199,13 +287,18 @@ def run(cfg: Config, *, devices=None) -> dict:
     abstract = steps.abstract_state()
     if start.kind == "resume":
         state, position, meta = checkpointer.restore_latest_valid(abstract)
+        skipped = list(checkpointer.skipped)
         start_step = int(position.get("step", int(state.step)))
-        checkpointer = _set_aside_newer(checkpointer, start_step, cfg)
+        checkpointer, moved = _set_aside_newer(checkpointer, start_step, cfg)
+        lines = _fallback_lines(skipped, moved, start_step)
+        for line in lines:
+            _log(line)
         for key, now in (("seed", cfg.data.seed), ("global_batch", global_batch)):
             if key in position and position[key] != now:
                 _log(f"warning: the checkpoint's data position has {key} {position[key]} but this run has {now}: "
                      f"the data stream is not the one the interrupted run would have seen")
-        _log(f"resuming from {checkpointer.directory} at step {start_step}")
+        if not lines:
+            _log(f"resuming from {checkpointer.directory} at step {start_step}")
     elif start.kind == "init_from":
         src = ckpt_lib.Checkpointer(start.path, cfg, read_only=True)
         restored, _, _ = src.restore(start.step, abstract)
@@ -251,6 +344,7 @@ def run(cfg: Config, *, devices=None) -> dict:
     last_eval = {}
     bar = tqdm(total=total, initial=start_step, desc="distill", unit="step", disable=not mesh_lib.is_main_process(),
                dynamic_ncols=True)
+    progress = _Progress(bar, global_batch, audio_scale=n_proc)
     step = start_step
     t_last, toks, samples, n_steps = time.time(), 0.0, 0, 0
     try:
@@ -263,15 +357,15 @@ def run(cfg: Config, *, devices=None) -> dict:
                 batch_log.write(json.dumps({"step": step + 1, "ids": list(local["ids"])}) + "\n")
                 step += 1
                 n_steps += 1
-                bar.update(1)
+                progress.dispatched(metrics["loss"], local["audio_seconds"])
                 if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = (time.time() - t_last) / n_steps
                     m.update(step_time_s=dt, samples_per_s=global_batch / dt, tokens_per_s=m["n_tokens"] / dt,
                              mfu=flops_step / dt / peak)
                     logs.write(step, m, prefix="train/")
-                    bar.set_postfix(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}",
-                                    step_s=f"{dt:.2f}", tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
+                    progress.show(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}",
+                                  step_s=f"{dt:.2f}", tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
                     summary.setdefault("first_loss", m["loss"])
                     summary["last_loss"] = m["loss"]
                     t_last, n_steps = time.time(), 0
@@ -281,12 +375,14 @@ def run(cfg: Config, *, devices=None) -> dict:
                 checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed, "global_batch": global_batch},
                                   metrics={"wer": _mean_wer(last_eval)} if last_eval else None,
                                   force=stop or step == total)
+                progress.poll()
                 if stop:
                     _log(f"stop requested (SIGTERM): checkpoint at step {step} written; exiting")
                     summary["preempted_at"] = step
                     break
                 if step >= total:
                     break
+            progress.drain()
     finally:
         checkpointer.wait_until_finished()
         restore_signals()

@@ -139,22 +139,29 @@ def on_main(fn):
 
 
 def banner(cfg: Config, global_batch: int | None = None, file=None) -> str:
-    """Print the start-up summary: one line per process, the mesh and batch arithmetic from process 0."""
+    """Print the start-up summary: one line per process, the mesh and batch arithmetic from process 0.
+
+    `global_batch`: examples per optimizer step, gradient accumulation included (what the loader draws per step;
+    default per-device batch x devices x `train.grad_accum_steps`). The accumulation factor shown is
+    `global_batch / (per-device batch x devices)`, so a caller's global batch is never multiplied again."""
     n, n_local = jax.device_count(), jax.local_device_count()
-    global_batch = cfg.train.per_device_batch_size * n if global_batch is None else global_batch
+    per_device = cfg.train.per_device_batch_size
+    micro = per_device * n                                    # one microbatch over all devices
+    if global_batch is None:
+        global_batch = micro * cfg.train.grad_accum_steps
+    accum = global_batch // micro if micro and global_batch % micro == 0 else cfg.train.grad_accum_steps
     sizes = resolve_mesh_shape(cfg.mesh, n)
-    accum = cfg.train.grad_accum_steps
     kind = jax.devices()[0].device_kind
     lines = [f"dwjax: process {jax.process_index()}/{jax.process_count()}: {n_local} local of {n} devices ({kind})"]
     if is_main_process():
         mesh_text = " ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
         if cfg.mesh.dcn_data > 1:
             mesh_text += f" (data = {cfg.mesh.dcn_data} slices x {sizes['data'] // cfg.mesh.dcn_data})"
+        procs = max(jax.process_count(), 1)
         lines += [
             f"dwjax: mesh {mesh_text}",
-            f"dwjax: batch {cfg.train.per_device_batch_size} per device x {n} devices = {global_batch} global, "
-            f"{global_batch // max(jax.process_count(), 1)} per process; x {accum} accumulation = "
-            f"{global_batch * accum} examples per optimizer step",
+            f"dwjax: batch {per_device} per device x {n} devices x {accum} accumulation = {global_batch} global "
+            f"(examples per optimizer step; {micro} per microbatch, {global_batch // procs} per process)",
             f"dwjax: dtype {cfg.model.dtype} (params {cfg.model.param_dtype}), remat {cfg.model.remat}, "
             f"scan_layers {cfg.model.scan_layers}",
         ]

@@ -37,6 +37,7 @@ import optax
 
 from dwjax import losses
 from dwjax.config import Config, LossConfig, OptimConfig
+from dwjax.errors import ConfigError
 from dwjax.models.configs import WhisperConfig
 from dwjax.models.whisper import Whisper, abstract_params, encode_batch
 
@@ -261,6 +262,51 @@ def _logical_specs(tree):
     return nn.get_partition_spec(tree)
 
 
+#: what a logical axis is, in the words of an error message
+_AXIS_WORDS = {"heads": "attention heads", "mlp": "MLP width ffn_dim", "vocab": "vocabulary size",
+               "embed": "d_model", "layers": "layers", "head_dim": "head dimension"}
+
+
+def check_shardable(models: dict, mesh, rules) -> None:
+    """Every parameter dimension of `models` ({"teacher": boxed abstract params, ...}) must divide evenly over the
+    mesh axes its logical name maps to; otherwise one ConfigError naming the dimensions, their sizes, the mesh axis
+    and the sizes that would fit (instead of JAX's IndivisibleError from inside the first device_put)."""
+    import math
+    sizes = dict(mesh.shape)
+    bad: dict[str, dict[tuple[str, int], set[str]]] = {}     # mesh axes text -> {(logical, dim): {model}}
+    dims_on: dict[str, list[int]] = {}                       # mesh axes text -> every dim sharded over it
+    for who, tree in models.items():
+        leaves = jax.tree_util.tree_leaves(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+        for leaf in leaves:
+            if not isinstance(leaf, nn.Partitioned):
+                continue
+            spec = nn.logical_to_mesh_axes(leaf.names, rules)
+            for logical, axes, dim in zip(leaf.names, tuple(spec) + (None,) * len(leaf.names), leaf.value.shape):
+                if axes is None:
+                    continue
+                axes = (axes,) if isinstance(axes, str) else tuple(axes)
+                n = math.prod(sizes[a] for a in axes)
+                if n == 1:
+                    continue
+                key = "*".join(axes)
+                dims_on.setdefault(key, []).append(int(dim))
+                if dim % n:
+                    bad.setdefault(key, {}).setdefault((str(logical), int(dim)), set()).add(who)
+    if not bad:
+        return
+    parts = []
+    for key, found in bad.items():
+        n = math.prod(sizes[a] for a in key.split("*"))
+        what = ", ".join(f"the {_AXIS_WORDS.get(lg, lg)} ({dim}, {' and '.join(sorted(w))})"
+                         for (lg, dim), w in sorted(found.items()))
+        g = math.gcd(*dims_on[key])
+        fits = [d for d in range(1, g + 1) if g % d == 0 and mesh.devices.size % d == 0][:8]
+        knob = f"mesh.{key}" if "*" not in key else f"the mesh axes {key}"
+        parts.append(f"{knob}={n} does not divide {what}: choose {knob} from {', '.join(map(str, fits))} "
+                     f"(or change mesh.logical_axis_rules)")
+    raise ConfigError("the model does not fit the mesh: " + "; ".join(parts))
+
+
 def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teacher_cfg: WhisperConfig,
                             grad_accum: int | None = None, compiler_options: dict | None = None) -> ShardedSteps:
     """Models, optimizer, state/teacher/batch shardings and the jitted train/eval steps for `mesh`.
@@ -286,9 +332,10 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
         return init_train_state(params, tx, rng)
 
     boxed = abstract_params(student_cfg, **module_kwargs(cfg.model))
+    teacher_boxed = abstract_params(teacher_cfg, **module_kwargs(cfg.model, train=False))
+    check_shardable({"teacher": teacher_boxed, "student": boxed}, mesh, rules)
     abstract_state = jax.eval_shape(init, boxed, jax.ShapeDtypeStruct((2,), jnp.uint32))
     state_shardings = mesh_lib.logical_to_sharding(_logical_specs(abstract_state), mesh, rules)
-    teacher_boxed = abstract_params(teacher_cfg, **module_kwargs(cfg.model, train=False))
     teacher_shardings = mesh_lib.logical_to_sharding(_logical_specs(teacher_boxed), mesh, rules)
     batch_sharding = mesh_lib.data_sharding(mesh)
     repl = mesh_lib.replicated(mesh)

@@ -21,7 +21,13 @@ def main(argv=None) -> int:
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
+    import warnings
+
+    from dwjax.checkpoint import CheckpointFallbackWarning
     from dwjax.distill import run
-    summary = run(cfg)
+    with warnings.catch_warnings():
+        # the run prints one line per skipped checkpoint step itself (which, why, the step used instead)
+        warnings.simplefilter("ignore", CheckpointFallbackWarning)
+        summary = run(cfg)
     print(json.dumps({k: v for k, v in summary.items() if k != "data"}, indent=2))
     return 0

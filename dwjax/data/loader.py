@@ -22,7 +22,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from dwjax.audio import N_SAMPLES, load_audio, load_audio_bytes
+from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.errors import UserError
 
 
@@ -43,15 +43,8 @@ def read_labelled(name: str, path: str, wer_threshold: float | None, weight: flo
                   max_label_length: int = 448) -> tuple[LabelledSet, dict]:
     """Reads a pseudo-label directory (or parquet file) and applies the WER filter. Returns the set and counts
     {total, ok, kept, dropped_wer, dropped_empty_reference, dropped_long} for the report."""
-    import glob
-    import os
-
-    import pyarrow.parquet as pq
-    files = sorted(glob.glob(os.path.join(path, "*.parquet"))) if os.path.isdir(path) else [path]
-    if not files:
-        raise UserError(f"{path}: no pseudo-label parquet files (run `dwjax pseudo-label` first)")
-    table = pq.read_table(files).to_pylist() if len(files) == 1 else \
-        [row for f in files for row in pq.read_table(f).to_pylist()]
+    files = _label_files(path)
+    table = [row for f in files for row in _read_part(f)]
     table.sort(key=lambda r: str(r["id"]))
     counts = dict(total=len(table), ok=0, kept=0, dropped_wer=0, dropped_empty_reference=0, dropped_long=0)
     ids, audio, tokens, langs = [], [], [], []
@@ -81,6 +74,63 @@ def read_labelled(name: str, path: str, wer_threshold: float | None, weight: flo
     if not ids:
         raise UserError(f"{path}: no training examples left after the WER filter ({counts})")
     return LabelledSet(name, ids, audio, tokens, langs, weight), counts
+
+
+#: columns `read_labelled` needs (dwjax/pseudo_label.py writes these and more)
+REQUIRED_COLUMNS = ("id", "audio", "token_ids")
+_MANIFEST_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt")
+
+
+def _pseudo_label_hint(path: str) -> str:
+    return (f"data.train needs the output directory of `dwjax pseudo-label` (parquet label files), not a manifest: "
+            f"run `dwjax pseudo-label --teacher TEACHER --data {path} --output LABELS` and pass path: LABELS")
+
+
+def _label_files(path: str) -> list[str]:
+    """The parquet files of a pseudo-label directory (or the one file given); UserError for anything else."""
+    import glob
+    import os
+    if not os.path.exists(path):
+        raise UserError(f"data.train path {path} does not exist (expected the output directory of "
+                        f"`dwjax pseudo-label`)")
+    if os.path.isdir(path):
+        files = sorted(glob.glob(os.path.join(path, "*.parquet")))
+        if not files:
+            manifests = sorted(f for f in os.listdir(path) if f.endswith(_MANIFEST_SUFFIXES))
+            extra = f" (it holds {', '.join(manifests[:3])}: a dataset, not labels)" if manifests else ""
+            raise UserError(f"{path}: no pseudo-label parquet files{extra}; run `dwjax pseudo-label --teacher "
+                            f"TEACHER --data MANIFEST --output {path}` first")
+        return files
+    if path.endswith(_MANIFEST_SUFFIXES) or _looks_like_text(path):
+        raise UserError(f"{path} is a manifest: {_pseudo_label_hint(path)}")
+    return [path]
+
+
+def _looks_like_text(path: str) -> bool:
+    """A file that starts with `{` or printable text and is not parquet (parquet files start with PAR1)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    except OSError:
+        return False
+    return head != b"PAR1" and head[:1] in (b"{", b"[")
+
+
+def _read_part(file: str) -> list[dict]:
+    """One parquet label file as rows; a missing, truncated or foreign file is a UserError naming it."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    try:
+        table = pq.read_table(file)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"pseudo-label file {file} cannot be read (corrupt or truncated? {detail[:200]}): "
+                        f"remove it and rerun `dwjax pseudo-label` on the same output to relabel its rows") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
+    if missing:
+        raise UserError(f"{file} is not a pseudo-label file (no column {', '.join(missing)}): "
+                        f"{_pseudo_label_hint(file)}")
+    return table.to_pylist()
 
 
 def row_source(sets: Sequence[LabelledSet], seed: int, g: int) -> tuple[int, int]:
@@ -150,16 +200,21 @@ class TrainBatches:
         base = step * self.B + self.offset
         return [row_source(self.sets, self.seed, base + r) for r in range(self.local)]
 
-    def _audio(self, d: int, i: int) -> np.ndarray:
+    def _audio(self, d: int, i: int) -> tuple[np.ndarray, int]:
+        """(the row's audio padded or cut to 30 s, the number of real samples in it)."""
         src = self.sets[d].audio[i]
         a = load_audio_bytes(src, name=self.sets[d].ids[i]) if isinstance(src, bytes) else load_audio(src)
         out = np.zeros(N_SAMPLES, np.float32)
-        out[: min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
-        return out
+        n = min(len(a), N_SAMPLES)
+        out[:n] = a[:n]
+        return out, n
 
     def batch(self, step: int) -> dict:
+        """This process's rows of batch `step`: audio, decoder_input_ids, labels, loss_mask, ids and
+        audio_seconds (the real audio in these rows, before padding: for audio-s/s rates)."""
         rows = self.rows(step)
-        audio = list(self.pool.map(lambda di: self._audio(*di), rows))
+        decoded = list(self.pool.map(lambda di: self._audio(*di), rows))
+        audio = [a for a, _ in decoded]
         enc = [self.enc(self.sets[d].tokens[i], self.sets[d].language[i],
                         np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]))
                for r, (d, i) in enumerate(rows)]
@@ -167,7 +222,8 @@ class TrainBatches:
                 "decoder_input_ids": np.stack([e[0] for e in enc]),
                 "labels": np.stack([e[1] for e in enc]),
                 "loss_mask": np.stack([e[2] for e in enc]),
-                "ids": [self.sets[d].ids[i] for d, i in rows]}
+                "ids": [self.sets[d].ids[i] for d, i in rows],
+                "audio_seconds": float(sum(n for _, n in decoded)) / SAMPLE_RATE}
 
     def close(self) -> None:
         """Stop the decoding threads (a pending prefetch is abandoned)."""
