@@ -90,8 +90,9 @@ def test_grad_accumulation_equals_full_batch(setup):
     full_state, full = one_step(teacher, student_cfg, student, batch, grad_accum=1)
     acc_state, acc = one_step(teacher, student_cfg, student, batch, grad_accum=4)
     assert float(full["n_tokens"]) == float(acc["n_tokens"]) == batch["loss_mask"].sum()
+    # fp32 sums over 4 microbatches in another order: about 1e-7 per term, measured up to 1.8e-6 on the loss
     for k in ("loss", "kl", "ce", "grad_norm"):
-        np.testing.assert_allclose(float(acc[k]), float(full[k]), rtol=1e-6)
+        np.testing.assert_allclose(float(acc[k]), float(full[k]), rtol=1e-5)
     assert_trees_close(full_state.params, acc_state.params, 1e-6)
     assert_trees_close(full_state.opt_state, acc_state.opt_state, 1e-5)
     # the loss is the token-weighted total, not a mean of per-microbatch means
