@@ -85,6 +85,12 @@ class DatasetSpec:
     name: str = _f(doc="short name used in logs and metrics")
     path: str = _f(doc="pseudo-labelled manifest (JSONL/CSV/TSV/parquet) or HF dataset directory")
     weight: float = _f(1.0, "relative sampling weight among the training sets")
+    wer_threshold: float | None = _f(None, "this set's data.wer_threshold; null = the data section's (.inf = off)")
+    min_avg_logprob: float | None = _f(None, "this set's data.min_avg_logprob; null = the data section's (-.inf = off)")
+    max_compression_ratio: float | None = _f(
+        None, "this set's data.max_compression_ratio; null = the data section's (.inf = off)")
+    max_no_speech_prob: float | None = _f(
+        None, "this set's data.max_no_speech_prob; null = the data section's (.inf = off)")
 
 
 @dataclass(frozen=True)
@@ -95,9 +101,27 @@ class EvalSetSpec:
 
 @dataclass(frozen=True)
 class DataConfig:
-    train: tuple[DatasetSpec, ...] = _f((), "training sets: list of {name, path, weight}")
+    # Label filters (dwjax/data/label_filter.py). A label with a reference is judged by its WER alone; one without
+    # (no reference, or one that normalises to nothing) by the teacher's confidence: kept only when all three of
+    # avg_logprob >= min_avg_logprob, compression_ratio <= max_compression_ratio, no_speech_prob <= max_no_speech_prob
+    # hold. Bounds are inclusive (a value at its threshold is kept); null turns a condition off (all three null:
+    # labels without a reference are kept unjudged). The confidence defaults are Whisper's own transcribe() ones.
+    train: tuple[DatasetSpec, ...] = _f(
+        (), "training sets: list of {name, path, weight}, each optionally with its own filter thresholds "
+            "(wer_threshold, min_avg_logprob, max_compression_ratio, max_no_speech_prob)")
     eval: tuple[EvalSetSpec, ...] = _f((), "evaluation sets: list of {name, path}")
-    wer_threshold: float = _f(10.0, "drop training examples whose pseudo-label WER vs the reference exceeds this (%)")
+    wer_threshold: float | None = _f(
+        10.0, "labels with a reference: dropped when their WER vs the reference exceeds this (%); null = keep all "
+              "(10: the paper's threshold)")
+    min_avg_logprob: float | None = _f(
+        -1.0, "labels without a reference: dropped when the teacher's mean token log-probability is below this; "
+              "null = off (-1.0: Whisper's logprob_threshold, below which it re-decodes as unreliable)")
+    max_compression_ratio: float | None = _f(
+        2.4, "labels without a reference: dropped when the text's zlib compression ratio exceeds this; null = off "
+             "(2.4: Whisper's compression_ratio_threshold, above which text is a runaway repeat)")
+    max_no_speech_prob: float | None = _f(
+        0.6, "labels without a reference: dropped when the teacher's no-speech probability exceeds this; null = off "
+             "(0.6: Whisper's no_speech_threshold, above which it calls a window silent)")
     timestamp_probability: float = _f(0.2, "probability of training on the timestamped form of a label")
     prev_context_probability: float = _f(0.0, "probability of conditioning on the previous segment's text")
     max_label_length: int = _f(448, "labels longer than this many tokens are dropped")
@@ -436,6 +460,8 @@ def _check_values(cfg: Config) -> None:
         need(0.0 <= getattr(d, name) <= 1.0, f"data.{name} must be in [0, 1], got {getattr(d, name)}")
     for spec in d.train:
         need(spec.weight > 0, f"data.train weight of {spec.name} must be > 0, got {spec.weight}")
+    for where, holder in (("data", d), *((f"data.train {spec.name}", spec) for spec in d.train)):
+        _check_filter(where, holder, need)
     need(d.max_label_length > 0, f"data.max_label_length must be > 0, got {d.max_label_length}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
     for name in ("kl_weight", "ce_weight", "mse_weight"):
@@ -464,6 +490,17 @@ def _check_values(cfg: Config) -> None:
     if cfg.devices is not None:
         need(cfg.devices.count >= 1, f"devices.count must be >= 1, got {cfg.devices.count}")
         need(cfg.devices.processes >= 1, f"devices.processes must be >= 1, got {cfg.devices.processes}")
+
+
+def _check_filter(where: str, holder: Any, need) -> None:
+    """Label-filter thresholds (of the data section or one training set) that can mean something."""
+    ranges = (("wer_threshold", lambda v: v >= 0, ">= 0 (a WER in %), or null"),
+              ("min_avg_logprob", lambda v: v <= 0, "<= 0 (a log-probability), or null"),
+              ("max_compression_ratio", lambda v: v > 0, "> 0, or null"),
+              ("max_no_speech_prob", lambda v: v >= 0, ">= 0 (a probability), or null"))
+    for name, ok, text in ranges:
+        v = getattr(holder, name)
+        need(v is None or (v == v and ok(v)), f"{where} {name} must be {text}, got {v}")
 
 
 def check_rules(rules: tuple[LogicalRule, ...]) -> None:

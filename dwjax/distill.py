@@ -26,6 +26,7 @@ from dwjax import mesh as mesh_lib
 from dwjax.audio import log_mel_spectrogram
 from dwjax.config import Config, to_dict, to_yaml, validate_for_devices
 from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
+from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.metrics import MetricsWriter
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
@@ -245,10 +246,11 @@ def run(cfg: Config, *, devices=None) -> dict:
         raise UserError("model.student is not set: run `dwjax init-student --teacher T --decoder-layers 2 "
                         "--output DIR` and pass model.student=DIR")
 
-    # data first (cheap, and the commonest mistake), after the WER filter (counts reported per set)
-    sets, counts = [], {}
+    # data first (cheap, and the commonest mistake), after the label filters (counts reported per set)
+    sets, counts, rules = [], {}, {}
     for ds in cfg.data.train:
-        s, c = read_labelled(ds.name, ds.path, cfg.data.wer_threshold, ds.weight, cfg.data.max_label_length)
+        rules[ds.name] = LabelFilter.for_set(cfg.data, ds)
+        s, c = read_labelled(ds.name, ds.path, rules[ds.name], ds.weight, cfg.data.max_label_length)
         sets.append(s)
         counts[ds.name] = c
 
@@ -267,9 +269,7 @@ def run(cfg: Config, *, devices=None) -> dict:
 
     # everything that can be refused has been checked: now say what the run is
     for name, c in counts.items():
-        _log(f"data {name}: {c['kept']}/{c['total']} kept (WER > {cfg.data.wer_threshold}%: {c['dropped_wer']}, "
-             f"empty reference: {c['dropped_empty_reference']}, too long: {c['dropped_long']}, "
-             f"failed labelling: {c['total'] - c['ok']})")
+        _log(format_counts(name, c, rules[name]))
     if devices is None:
         mesh_lib.banner(cfg, global_batch)       # global_batch already includes the accumulation
         _log(f"labels padded to {length} tokens")

@@ -232,8 +232,11 @@ def test_smoke_loss_falls_outputs_written_student_usable(assets, tmp_path):
     assert np.mean(losses[-3:]) < 0.9 * np.mean(losses[:3]), losses
     assert list(Path(out / "logs" / "tensorboard").glob("events.out.tfevents.*"))
 
-    # WER filter: 8 rows; a failed one, one with WER 50 % > 10 % and one without reference are dropped; 8 % is kept
-    counts = {"total": 8, "ok": 7, "kept": 5, "dropped_wer": 1, "dropped_empty_reference": 1, "dropped_long": 0}
+    # WER filter: 8 rows; a failed one, one with WER 50 % > 10 % and one without reference and without teacher
+    # scores are dropped; 8 % is kept
+    counts = {"total": 8, "ok": 7, "with_reference": 6, "without_reference": 1, "kept": 5, "unfiltered": 0,
+              "dropped_status": 1, "dropped_wer": 1, "dropped_no_scores": 1, "dropped_avg_logprob": 0,
+              "dropped_compression_ratio": 0, "dropped_no_speech": 0, "dropped_long": 0}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == {"tiny": counts}
     assert summary["start_step"] == 0 and summary["end_step"] == steps

@@ -11,6 +11,9 @@ Labels. A sequence is prompt + teacher tokens + EOT, where the prompt is SOT [la
 decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT (the
 forced prompt tokens and the padding are masked). Labels with timestamps keep them with probability
 `timestamp_probability` (otherwise they are stripped and <|notimestamps|> is forced).
+
+Filtering. `read_labelled` keeps the labels `dwjax/data/label_filter.py` passes (WER with a reference, the teacher's
+confidence without) and no longer than max_label_length.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
+from dwjax.data.label_filter import LabelFilter, format_counts, judge, new_counts
 from dwjax.errors import UserError
 
 
@@ -39,32 +43,28 @@ class LabelledSet:
         return len(self.ids)
 
 
-def read_labelled(name: str, path: str, wer_threshold: float | None, weight: float = 1.0,
+def read_labelled(name: str, path: str, rule: LabelFilter | float | None = LabelFilter(), weight: float = 1.0,
                   max_label_length: int = 448) -> tuple[LabelledSet, dict]:
-    """Reads a pseudo-label directory (or parquet file) and applies the WER filter. Returns the set and counts
-    {total, ok, kept, dropped_wer, dropped_empty_reference, dropped_long} for the report."""
+    """Reads a pseudo-label directory (or parquet file) and filters its labels (`dwjax/data/label_filter.py`: the
+    WER filter on rows with a reference, the teacher's confidence on rows without). `rule` is a LabelFilter, or
+    a WER threshold in % (None = off) with the default confidence filter. Returns the set and the counts of
+    `label_filter.new_counts` (kept, and dropped by reason) for the report."""
+    if not isinstance(rule, LabelFilter):
+        rule = LabelFilter(wer_threshold=rule)
     files = _label_files(path)
     table = [row for f in files for row in _read_part(f)]
     table.sort(key=lambda r: str(r["id"]))
-    counts = dict(total=len(table), ok=0, kept=0, dropped_wer=0, dropped_empty_reference=0, dropped_long=0)
+    counts = new_counts()
+    counts["total"] = len(table)
     ids, audio, tokens, langs = [], [], [], []
     for row in table:
-        if row.get("status", "ok") != "ok":
-            continue
-        counts["ok"] += 1
-        wer = row.get("wer")                     # a fraction (pseudo_label.py); the threshold is in percent
-        wer = None if wer is None else 100.0 * wer
-        # no WER: the reference is missing or normalises to nothing (pseudo_label.py writes None then); such a
-        # label cannot pass a WER filter, so with the filter on it is dropped (SPEC: drop empty references)
-        if wer_threshold is not None and wer is None:
-            counts["dropped_empty_reference"] += 1
-            continue
-        if wer_threshold is not None and wer is not None and wer > wer_threshold:
-            counts["dropped_wer"] += 1
-            continue
-        toks = list(row["token_ids"])
-        if len(toks) + 5 > max_label_length:
-            counts["dropped_long"] += 1
+        reason = judge(row, rule, counts)
+        if reason is None:
+            toks = list(row["token_ids"])
+            if len(toks) + 5 > max_label_length:
+                reason = "dropped_long"
+        if reason is not None:
+            counts[reason] += 1
             continue
         ids.append(str(row["id"]))
         audio.append(row.get("audio_bytes") or row["audio"])
@@ -72,7 +72,8 @@ def read_labelled(name: str, path: str, wer_threshold: float | None, weight: flo
         langs.append(row.get("language"))
     counts["kept"] = len(ids)
     if not ids:
-        raise UserError(f"{path}: no training examples left after the WER filter ({counts})")
+        raise UserError(f"{path}: no training examples left after the label filters "
+                        f"({format_counts(name, counts, rule)})")
     return LabelledSet(name, ids, audio, tokens, langs, weight), counts
 
 
