@@ -30,6 +30,28 @@ own rule for skipping a silent window). No-speech rows are not failures: the sum
 fraction (not %) of word errors of the label against the reference, both normalised with `normalize_english`;
 null where there is no reference or the normalised reference is empty (filter those out, as the paper does).
 `token_ids` are the generated tokens without the prompt and without EOT.
+
+Packed labelling (`LabelOptions(pack=True)`, `dwjax pseudo-label --pack`). Every pending clip is read first (on
+every process, so all agree on the windows); clips that are missing, unreadable, empty, silent or of an unknown
+language get their own rows exactly as above, clips over 30 s are labelled on their own (long-form), and the good
+<= 30 s clips are packed by `dwjax.data.packing.pack` per (dataset, language) into windows of <= `pack_max_s`
+(default 30 s): consecutive clips (in (dataset, id) order) of one `speaker` (the manifest's speaker/source column;
+without one, all clips of a dataset in order), `pack_gap_s` (default 0.5 s) of digital silence between clips, no
+clip split. The teacher decodes each window with timestamp tokens (`pack` implies `timestamps`) and writes one row
+per window: `id` is "<first member id>+<number of members>", `audio` is null, `duration_s` the window's length
+(gaps included), `members` a JSON list of {"id", "offset_s", "duration_s", "audio"} (each clip's start in the
+window), `source` the speaker key, `reference` the members' references joined with one space when every member
+has a non-empty one (else null), `wer` the window label's WER against that joined reference (so a WER filter keeps
+or drops the window as a whole), `timestamps` the segments in window time. The member clips count as labelled
+(`completed_keys`), so a rerun skips them; windows are a deterministic function of the pending clips, their
+durations, speakers and the options, so a single-process run resumed after an interruption makes the same windows.
+A window of two or more clips never gets a truncated label: windows are closed early when the members' references (tokenised, with
+a margin for timestamps) would pass the decoding budget `max_new_tokens` (`dwjax pseudo-label --pack` makes it
+448, the decoder context, unless given; LabelOptions' own default stays 224; either is capped at 448 minus the
+prompt), and a window whose decoding still reaches the budget is split in two and each
+half decoded again; the summary counts those splits (`token_limit_splits`) and the single clips that still hit
+the budget (`token_limit_truncated`, labelled like any clip that does). `summary.json` counts per dataset the
+`windows` and the `packed_clips` they hold; `audio_hours` counts clip audio, not the gaps.
 """
 from __future__ import annotations
 
@@ -64,7 +86,8 @@ THRESHOLDS = (5, 10, 20, 40, 80)          # WER % thresholds reported in the sum
 OPTIONS_FILE = "labelling.json"
 SUMMARY_FILE = "summary.json"
 #: options that must not change between a run and its resumption
-_FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max_new_tokens", "dtype")
+_FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max_new_tokens", "dtype", "pack",
+                  "pack_gap_s", "pack_max_s")
 
 
 SCHEMA = pa.schema([
@@ -83,6 +106,8 @@ SCHEMA = pa.schema([
     ("reference_encoding_errors", pa.bool_()),
     ("wer", pa.float64()),
     ("status", pa.string()),                 # "ok", "no speech: <why>", or "<kind>: <detail>" (FAILURE_KINDS)
+    ("members", pa.string()),                # packed windows: JSON list of {"id", "offset_s", "duration_s", "audio"}
+    ("source", pa.string()),                 # packed windows: the members' speaker / source key (null if unknown)
 ])
 #: the kinds of rows that get no label because something failed (the part of `status` before the first ":")
 FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
@@ -110,9 +135,16 @@ class LabelOptions:
     commit_every: int = 8               # batches per part file
     num_workers: int = 4                # audio decoding threads
     progress: bool = True
+    pack: bool = False                  # label packed windows of consecutive clips (dwjax.data.packing); timestamps
+    pack_gap_s: float = 0.5             # silence between packed clips (dwjax.data.packing.DEFAULT_GAP_S)
+    pack_max_s: float = 30.0            # longest packed window (<= 30 s)
 
     def fixed(self) -> dict:
         return {k: getattr(self, k) for k in _FIXED_OPTIONS}
+
+
+#: the value an option had before it was recorded in labelling.json (older runs)
+_OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelOptions)}
 
 
 # ---------------------------------------------------------------------------------------------- part files
@@ -142,9 +174,17 @@ def read_labels(output: str | os.PathLike, columns: Optional[Sequence[str]] = No
 
 
 def completed_keys(output: str | os.PathLike) -> set[tuple[str, str]]:
-    """(dataset, id) of every committed row under `output` (whatever its status)."""
-    table = read_labels(output, columns=["dataset", "id"])
-    return set(zip(table.column("dataset").to_pylist(), table.column("id").to_pylist()))
+    """(dataset, id) of every committed row under `output` (whatever its status); for a packed window, the
+    (dataset, id) of each of its member clips (not the window's own id)."""
+    table = read_labels(output, columns=["dataset", "id", "members"])
+    done = set()
+    for ds, id_, members in zip(table.column("dataset").to_pylist(), table.column("id").to_pylist(),
+                                table.column("members").to_pylist()):
+        if members:
+            done.update((ds, m["id"]) for m in json.loads(members))
+        else:
+            done.add((ds, id_))
+    return done
 
 
 def _next_part_index(output: Path, process: int, n_processes: int) -> int:
@@ -173,7 +213,8 @@ def _check_options(output: Path, opts: LabelOptions) -> Optional[dict]:
         old = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise UserError(f"{path}: unreadable ({e}); delete it only if the labels were made with the same options")
-    diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in opts.fixed().items() if old.get(k) != v]
+    diff = [f"{k}: {old.get(k, _OPTION_DEFAULTS.get(k))!r} -> {v!r}" for k, v in opts.fixed().items()
+            if old.get(k, _OPTION_DEFAULTS.get(k)) != v]
     if diff:
         raise UserError(f"{output} holds labels made with other options ({'; '.join(diff)}); "
                         "use a new --output directory or the same options")
@@ -201,7 +242,8 @@ def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
     return {"id": e.id, "dataset": e.dataset, "audio": e.audio_path, "duration_s": duration, "text": None,
             "token_ids": None, "language": None, "avg_logprob": None, "compression_ratio": None,
             "no_speech_prob": None, "timestamps": None, "reference": e.text,
-            "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status}
+            "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status,
+            "members": None, "source": None}
 
 
 def status_kind(status: Optional[str]) -> str:
@@ -482,66 +524,15 @@ def _report_failure(row: dict, bar=None) -> None:
         print(line, file=sys.stderr, flush=True)
 
 
-def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=None) -> Optional[dict]:
-    """Label every example of the datasets `specs` not yet labelled under `opts.output` (see the module docstring).
+def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher", output: Path, proc: int,
+                  n_proc: int, lo: int, hi: int, global_b: int, n_examples: int, n_done: int, n_dev: int) -> dict:
+    """Each clip its own 30 s window: this process's rows of every global batch, decoded and written."""
+    from dwjax.mesh import is_main_process
 
-    Call `dwjax.mesh.initialize_distributed()` before this in a multi-process run. `cfg` supplies the mesh's
-    dcn layout only (the labeller is pure data parallel); `devices` limits the mesh (tests). Returns the summary
-    on process 0 and None on the others."""
-    import jax
-
-    from dwjax.config import Config, MeshConfig
-    from dwjax.mesh import banner, is_main_process, make_mesh
-
-    if opts.batch_size < 1:
-        raise UserError("--batch-size must be at least 1")
-    if opts.commit_every < 1:
-        raise UserError("--commit-every must be at least 1")
-    if opts.num_beams < 1:
-        raise UserError("--num-beams must be at least 1")
-    if opts.num_beams > 1:
-        from dwjax.decoding.generate import Generator
-        if not hasattr(Generator, "beam_search"):
-            raise UserError("--num-beams > 1 needs beam search (dwjax.decoding.beam), which this install lacks")
-    cfg = cfg or Config()
-    output = Path(opts.output)
-    output.mkdir(parents=True, exist_ok=True)
-    started = time.time()
-
-    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1, dcn_data=1), devices)
-    n_dev, n_proc, proc = mesh.devices.size, jax.process_count(), jax.process_index()
-    global_b = opts.batch_size * n_dev
-    banner(dataclasses.replace(cfg, mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
-                               train=dataclasses.replace(cfg.train, per_device_batch_size=opts.batch_size),
-                               model=dataclasses.replace(cfg.model, dtype=opts.dtype, scan_layers=opts.scan_layers)),
-           global_batch=global_b)
-
-    # what is done: every process reads every part, then all agree before anyone writes
-    examples = _sorted_examples(specs)
-    _check_options(output, opts)
-    done = completed_keys(output)
-    if is_main_process():
-        for stale in output.glob(".labels-*.tmp"):
-            stale.unlink(missing_ok=True)
-    pending = [e for e in examples if (e.dataset, e.id) not in done]
-    if n_proc > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.assert_equal(np.array([len(pending), _fingerprint(pending) & 0x7FFFFFFF], np.int32),
-                                     "processes disagree on the examples left to label: every process must see "
-                                     "the same manifests and the same output directory (a shared file system)")
-    _sync("dwjax-pseudo-label-scan")
-    if is_main_process() and not (output / OPTIONS_FILE).exists():
-        tmp = output / f".{OPTIONS_FILE}.tmp"
-        tmp.write_text(json.dumps({**opts.fixed(), "datasets": [str(s) for s in specs]}, indent=2) + "\n",
-                       encoding="utf-8")
-        os.replace(tmp, output / OPTIONS_FILE)
-
-    teacher = _Teacher(opts, mesh)
-    lo, hi = local_row_range(teacher.batch_sharding, global_b)
     n_local = hi - lo
     n_batches = math.ceil(len(pending) / global_b)
     if is_main_process():
-        print(f"dwjax pseudo-label: teacher {opts.teacher}; {len(examples)} examples, {len(done)} already labelled, "
+        print(f"dwjax pseudo-label: teacher {opts.teacher}; {n_examples} examples, {n_done} already labelled, "
               f"{len(pending)} to label in {n_batches} global batches of {global_b} "
               f"({opts.batch_size} per device x {n_dev} devices, {n_local} rows per process x {n_proc} processes)",
               flush=True)
@@ -640,8 +631,317 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                                     "audio-h/s", refresh=False)
     if bar is not None:
         bar.close()
-    wall = time.time() - t0
-    totals = np.array([local_audio_s, local_rows, local_ok, local_failed], np.float64)
+    return {"audio_s": local_audio_s, "rows": local_rows, "ok": local_ok, "failed": local_failed,
+            "wall": time.time() - t0}
+
+
+
+#: per-process counts summed over processes at the end of a run (the first four for every run, the rest --pack)
+_TOTALS = ("audio_s", "rows", "ok", "failed", "windows", "packed_clips", "token_limit_splits",
+           "token_limit_truncated")
+#: token estimate of a packed member from its reference: ceil(factor x reference tokens) + per-member timestamps
+_TOKEN_FACTOR, _TOKENS_PER_MEMBER, _TOKEN_MARGIN = 1.2, 4, 8
+#: keep the probed audio in memory for the windows when all of it fits in this many bytes (else read it again)
+_KEEP_AUDIO_BYTES = 1 << 30
+
+
+def _probe(e: Example, keep: bool) -> _Loaded:
+    item = _load(e)
+    if not keep:
+        item.audio = None if item.status == "ok" else item.audio
+    return item
+
+
+def _member_audio(e: Example, cached: Optional[np.ndarray]) -> np.ndarray:
+    if cached is not None:
+        return cached
+    item = _load(e)
+    if item.audio is None:
+        raise AudioError(f"{e.dataset}/{e.id}: {item.status} (read again for its window)")
+    return item.audio
+
+
+def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher", output: Path, proc: int,
+                n_proc: int, lo: int, hi: int, global_b: int, n_examples: int, n_done: int, n_dev: int) -> dict:
+    """--pack: probe every pending clip, pack the good ones into windows, label the windows (module docstring)."""
+    from dwjax.data.packing import Utterance, members_json, pack, window_audio
+    from dwjax.mesh import is_main_process
+
+    t0 = time.time()
+    n_local = hi - lo
+    # 1. read every pending clip (all processes: every one must derive the same windows)
+    keep = sum(os.path.getsize(e.audio_path) if e.audio_path and os.path.isfile(e.audio_path) else
+               len(e.audio_bytes or b"") for e in pending) * 8 <= _KEEP_AUDIO_BYTES   # ~x8 decoded vs compressed
+    with cf.ThreadPoolExecutor(max_workers=max(1, opts.num_workers)) as pool:
+        probed = list(pool.map(lambda e: _probe(e, keep), pending))
+    by_key = {(it.example.dataset, it.example.id): it for it in probed}
+    own_rows: list[tuple[int, _Loaded, Optional[str]]] = []   # (index, item, failure) labelled on their own
+    partitions: dict[tuple[str, int], list[Utterance]] = {}
+    budget = teacher.max_new - _TOKEN_MARGIN
+    for i, item in enumerate(probed):
+        e = item.example
+        if item.status != "ok":                       # failed, no speech, or over 30 s: a row of its own
+            own_rows.append((i, item, None))
+            continue
+        lid = teacher.language_id(e)
+        if isinstance(lid, str):
+            own_rows.append((i, item, lid))
+            continue
+        ref = (e.text or "").strip()
+        est = math.ceil(_TOKEN_FACTOR * len(teacher.tok.encode(" " + ref))) + _TOKENS_PER_MEMBER if ref else None
+        partitions.setdefault((e.dataset, lid), []).append(
+            Utterance(e.id, item.duration, e.text, e.speaker, est))
+    windows = []                                        # (dataset, language id, Window)
+    for (dataset, lid), utts in partitions.items():
+        packing = pack(utts, max_s=opts.pack_max_s, gap_s=opts.pack_gap_s, max_tokens=budget)
+        windows += [(dataset, lid, w) for w in packing.windows]
+        # clips longer than --pack-max (and <= 30 s): a window of their own
+        windows += [(dataset, lid, w) for u in packing.unpacked
+                    for w in pack([u], max_s=N_SAMPLES / SAMPLE_RATE, gap_s=opts.pack_gap_s).windows]
+    n_batches = math.ceil(len(windows) / global_b)
+    n_clips = sum(len(w.members) for _, _, w in windows)
+    if is_main_process():
+        print(f"dwjax pseudo-label: teacher {opts.teacher}; {n_examples} examples, {n_done} already labelled, "
+              f"{len(pending)} to label: {n_clips} packed into {len(windows)} windows of <= {opts.pack_max_s:g} s "
+              f"(gap {opts.pack_gap_s:g} s), {len(own_rows)} on their own; {n_batches} global batches of "
+              f"{global_b} ({opts.batch_size} per device x {n_dev} devices, {n_local} rows per process x "
+              f"{n_proc} processes)", flush=True)
+
+    counts = dict.fromkeys(_TOTALS, 0)
+    counts["audio_s"] = 0.0
+    part_index = _next_part_index(output, proc, n_proc)
+    local_cache: dict = {}
+    bar = None
+    if is_main_process() and opts.progress and (n_batches or own_rows):
+        from tqdm import tqdm
+        bar = tqdm(total=len(windows) + len(own_rows), unit="window", dynamic_ncols=True, file=sys.stderr,
+                   desc="pseudo-label --pack")
+
+    def account(rows: list[dict]) -> None:
+        for r in rows:
+            counts["rows"] += 1
+            if r["members"]:
+                counts["windows"] += 1
+                counts["packed_clips"] += len(json.loads(r["members"]))
+            if r["status"] == "ok":
+                counts["ok"] += 1
+                counts["audio_s"] += _speech_seconds(r)
+            elif is_failure(r["status"]):
+                counts["failed"] += 1
+                _report_failure(r, bar)
+
+    # 2. rows of their own (failed / silent / unknown language / long-form), round-robin over processes
+    buffer: list[dict] = []
+    for i, item, failure in own_rows:
+        if i % n_proc != proc:
+            continue
+        if failure is not None:
+            buffer.append(_base_row(item.example, item.duration, failure))
+        elif item.status == "long":
+            buffer.append(_long_row(teacher, opts, item, local_cache))
+        else:
+            buffer.append(_base_row(item.example, item.duration, item.status))
+    account(buffer)
+    if bar is not None:
+        bar.update(len(own_rows))
+
+    # 3. the windows: global batch g holds windows [g*B, (g+1)*B), this process decodes rows [lo, hi) of it
+    def window_row(dataset: str, language: Optional[str], w, ids: list[int], avg_lp: float, nsp: float) -> dict:
+        members = [by_key[(dataset, m)].example for m in w.ids]
+        e = Example(id=w.id, dataset=dataset, text=w.reference,
+                    encoding_errors=any(m.encoding_errors for m in members))
+        text = teacher.tok.decode(ids).strip()
+        segs = teacher.tok.segments(ids, duration=w.duration_s)
+        row = _label_row(e, w.duration_s, text, ids, language, avg_lp, nsp, segs)
+        row.update(members=members_json(w, {m.id: {"audio": m.audio_path} for m in members}), source=w.source)
+        return row
+
+    def decode_split(dataset: str, lid: int, w, audio: np.ndarray) -> list[dict]:
+        """A window whose decoding reached the budget: its halves (recursively), on the local device."""
+        language = teacher.code_of.get(lid) if lid >= 0 else None
+        if len(w.members) == 1:
+            counts["token_limit_truncated"] += 1
+            return [window_row(dataset, language or "en", w, *_local_decode(teacher, opts, local_cache, audio,
+                                                                            language)[:3])]
+        counts["token_limit_splits"] += 1
+        half = len(w.members) // 2
+        rows = []
+        for part in (w.members[:half], w.members[half:]):
+            utts = [Utterance(m.id, m.duration_s, by_key[(dataset, m.id)].example.text, w.source) for m in part]
+            sub = pack(utts, max_s=N_SAMPLES / SAMPLE_RATE, gap_s=opts.pack_gap_s).windows
+            assert len(sub) == 1, "a half of a packed window must pack into one window"
+            sub_w = sub[0]
+            start = int(round(part[0].offset_s * SAMPLE_RATE))
+            sub_audio = audio[start: start + int(round(sub_w.duration_s * SAMPLE_RATE))]
+            ids, avg_lp, nsp, hit, lang = _local_decode(teacher, opts, local_cache, sub_audio, language)
+            if hit:
+                rows += decode_split(dataset, lid, sub_w, sub_audio)
+            else:
+                rows.append(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp))
+        return rows
+
+    def load_window(dataset: str, w) -> tuple[Optional[np.ndarray], Optional[str]]:
+        try:
+            clips = [_member_audio(by_key[(dataset, m)].example, by_key[(dataset, m)].audio) for m in w.ids]
+            return window_audio(w, clips, gap_s=opts.pack_gap_s), None
+        except Exception as err:  # a window must never stop the run
+            return None, f"unreadable audio: {type(err).__name__}: {err}"
+
+    def rows_of(g: int) -> list:
+        start = g * global_b
+        return windows[start + lo: min(start + hi, len(windows))]
+
+    with cf.ThreadPoolExecutor(max_workers=max(1, opts.num_workers)) as pool:
+        def submit(g: int):
+            return [pool.submit(load_window, ds, w) for ds, _, w in rows_of(g)] if g < n_batches else []
+
+        ahead = submit(0)
+        for g in range(n_batches):
+            current, ahead = ahead, submit(g + 1)
+            mine = rows_of(g)
+            loaded = [f.result() for f in current]
+            audio = np.zeros((n_local, N_SAMPLES), np.float32)
+            lang = np.full((n_local,), -1, np.int32)
+            for i, ((_, lid, _), (a, _)) in enumerate(zip(mine, loaded)):
+                if a is not None:
+                    audio[i, : len(a)] = a
+                    lang[i] = lid
+            rows: list[dict] = []
+            if any(a is not None for a, _ in loaded) or n_proc > 1:
+                out = teacher.run(audio, lang, global_b)
+            for i, ((dataset, lid, w), (a, err)) in enumerate(zip(mine, loaded)):
+                if a is None:
+                    e = Example(id=w.id, dataset=dataset, text=w.reference)
+                    row = _base_row(e, w.duration_s, err)
+                    row.update(members=members_json(w), source=w.source)
+                    rows.append(row)
+                    continue
+                n = int(out["lengths"][i])
+                language = teacher.code_of.get(int(out["language"][i]), "en") if teacher.multilingual else "en"
+                ids = out["tokens"][i, :n].tolist()
+                if n >= teacher.max_new:                 # no EOT within the budget: never a truncated window
+                    if len(w.members) > 1:
+                        rows += decode_split(dataset, lid, w, a)
+                        continue
+                    counts["token_limit_truncated"] += 1     # one clip: labelled as the per-clip path does
+                rows.append(window_row(dataset, language, w, ids, float(out["sum_logprob"][i]) / (n + 1),
+                                       float(out["no_speech_prob"][i])))
+            account(rows)
+            buffer.extend(rows)
+            if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
+                _write_part(output, proc, n_proc, part_index, buffer)
+                part_index += 1
+                buffer = []
+            if bar is not None:
+                bar.update(min(global_b, len(windows) - g * global_b))
+    if buffer:
+        _write_part(output, proc, n_proc, part_index, buffer)
+    if bar is not None:
+        bar.close()
+    counts["wall"] = time.time() - t0
+    return counts
+
+
+def _local_decode(teacher: "_Teacher", opts: LabelOptions, cache: dict, audio: np.ndarray,
+                  language: Optional[str]) -> tuple[list[int], float, float, bool, Optional[str]]:
+    """(tokens, avg_logprob, no_speech_prob, reached the budget, language) of one window on the local device."""
+    tr = _local_transcriber(teacher, opts, cache)
+    t = tr.transcribe_batch([audio], language=language, task=opts.task, timestamps=True,
+                            max_new_tokens=teacher.max_new)[0]
+    return list(t.tokens), float(t.avg_logprob), float(t.no_speech_prob), len(t.tokens) >= teacher.max_new, t.language
+
+
+def _long_row(teacher: "_Teacher", opts: LabelOptions, item: _Loaded, cache: dict) -> dict:
+    """The row of a clip over 30 s: long-form decoding where installed, else the reason it has no label."""
+    transcribe_long = _long_form()
+    if transcribe_long is None:
+        reason = f"longer than 30 s: {item.duration:.1f} s, no long-form decoder (dwjax.decoding.longform)"
+        return _base_row(item.example, item.duration, reason)
+    tr = _local_transcriber(teacher, opts, cache)
+    lid = teacher.language_id(item.example)
+    language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
+    try:
+        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language))
+        return _transcript_row(item.example, item.duration, t, opts.timestamps)
+    except Exception as err:  # a row must never stop the run
+        return _base_row(item.example, item.duration, f"long-form decoding failed: {type(err).__name__}: {err}")
+
+
+def _speech_seconds(row: dict) -> float:
+    """The clip audio of a row: its duration, or for a packed window the sum of its members' (no gaps)."""
+    if row.get("members"):
+        return sum(m["duration_s"] for m in json.loads(row["members"]))
+    return row.get("duration_s") or 0.0
+
+
+def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=None) -> Optional[dict]:
+    """Label every example of the datasets `specs` not yet labelled under `opts.output` (see the module docstring).
+
+    Call `dwjax.mesh.initialize_distributed()` before this in a multi-process run. `cfg` supplies the mesh's
+    dcn layout only (the labeller is pure data parallel); `devices` limits the mesh (tests). Returns the summary
+    on process 0 and None on the others."""
+    import jax
+
+    from dwjax.config import Config, MeshConfig
+    from dwjax.mesh import banner, is_main_process, make_mesh
+
+    if opts.batch_size < 1:
+        raise UserError("--batch-size must be at least 1")
+    if opts.commit_every < 1:
+        raise UserError("--commit-every must be at least 1")
+    if opts.num_beams < 1:
+        raise UserError("--num-beams must be at least 1")
+    if opts.num_beams > 1:
+        from dwjax.decoding.generate import Generator
+        if not hasattr(Generator, "beam_search"):
+            raise UserError("--num-beams > 1 needs beam search (dwjax.decoding.beam), which this install lacks")
+    if opts.pack:
+        if opts.num_beams > 1:
+            raise UserError("--pack decodes greedily; drop --num-beams")
+        if not 0 < opts.pack_max_s <= N_SAMPLES / SAMPLE_RATE:
+            raise UserError(f"--pack-max must be in (0, 30] seconds, got {opts.pack_max_s:g}")
+        if not 0 <= opts.pack_gap_s < opts.pack_max_s:
+            raise UserError(f"--pack-gap must be >= 0 and below --pack-max, got {opts.pack_gap_s:g}")
+        opts = dataclasses.replace(opts, timestamps=True)       # packed windows are labelled with timestamps
+    cfg = cfg or Config()
+    output = Path(opts.output)
+    output.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+
+    mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1, dcn_data=1), devices)
+    n_dev, n_proc, proc = mesh.devices.size, jax.process_count(), jax.process_index()
+    global_b = opts.batch_size * n_dev
+    banner(dataclasses.replace(cfg, mesh=MeshConfig(data=-1, fsdp=1, tensor=1),
+                               train=dataclasses.replace(cfg.train, per_device_batch_size=opts.batch_size),
+                               model=dataclasses.replace(cfg.model, dtype=opts.dtype, scan_layers=opts.scan_layers)),
+           global_batch=global_b)
+
+    # what is done: every process reads every part, then all agree before anyone writes
+    examples = _sorted_examples(specs)
+    _check_options(output, opts)
+    done = completed_keys(output)
+    if is_main_process():
+        for stale in output.glob(".labels-*.tmp"):
+            stale.unlink(missing_ok=True)
+    pending = [e for e in examples if (e.dataset, e.id) not in done]
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.assert_equal(np.array([len(pending), _fingerprint(pending) & 0x7FFFFFFF], np.int32),
+                                     "processes disagree on the examples left to label: every process must see "
+                                     "the same manifests and the same output directory (a shared file system)")
+    _sync("dwjax-pseudo-label-scan")
+    if is_main_process() and not (output / OPTIONS_FILE).exists():
+        tmp = output / f".{OPTIONS_FILE}.tmp"
+        tmp.write_text(json.dumps({**opts.fixed(), "datasets": [str(s) for s in specs]}, indent=2) + "\n",
+                       encoding="utf-8")
+        os.replace(tmp, output / OPTIONS_FILE)
+
+    teacher = _Teacher(opts, mesh)
+    lo, hi = local_row_range(teacher.batch_sharding, global_b)
+    runner = _run_packed if opts.pack else _run_per_clip
+    local = runner(pending, opts, teacher, output, proc, n_proc, lo, hi, global_b, len(examples), len(done), n_dev)
+    wall = local["wall"]
+    totals = np.array([local.get(k, 0) for k in _TOTALS], np.float64)
     if n_proc > 1:
         from jax.experimental import multihost_utils
         totals = np.asarray(multihost_utils.process_allgather(totals)).reshape(n_proc, -1).sum(axis=0)
@@ -652,6 +952,9 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
            "rows_this_run": int(totals[1]), "labelled_this_run": int(totals[2]), "failed_this_run": int(totals[3]),
            "audio_hours_this_run": float(totals[0]) / 3600, "wall_s": wall, "total_s": time.time() - started,
            "audio_s_per_s": float(totals[0]) / wall if wall > 0 else None}
+    if opts.pack:
+        run.update({f"{k}_this_run" if k in ("windows", "packed_clips") else k: int(totals[i])
+                    for i, k in enumerate(_TOTALS) if i >= 4})
     summary = summarise(read_labels(output), run=run, options=opts.fixed())
     tmp = output / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -684,7 +987,9 @@ def _group_summary(rows: list[dict]) -> dict:
     corpus = error_rates([r["reference"] for r in with_ref], [r["text"] for r in with_ref]) if with_ref else None
     out = {
         "rows": len(rows), "ok": len(ok), "no_speech": no_speech, "failed": len(rows) - len(ok) - no_speech,
-        "audio_hours": sum(r["duration_s"] or 0.0 for r in ok) / 3600,
+        "audio_hours": sum(_speech_seconds(r) for r in ok) / 3600,
+        "windows": sum(bool(r.get("members")) for r in rows),
+        "packed_clips": sum(len(json.loads(r["members"])) for r in rows if r.get("members")),
         "with_reference": len(with_ref), "empty_references": len(with_ref) - len(scored),
         "no_reference": len(ok) - len(with_ref),
         "reference_encoding_errors": sum(bool(r["reference_encoding_errors"]) for r in rows),
@@ -703,7 +1008,7 @@ def _group_summary(rows: list[dict]) -> dict:
 
 def summarise(table, run: Optional[dict] = None, options: Optional[dict] = None) -> dict:
     """Per-dataset and overall statistics of a label table (see `read_labels`)."""
-    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text"]
+    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text", "members"]
     rows = table.select(cols).to_pylist()
     by: dict[str, list[dict]] = {}
     for r in rows:
@@ -742,6 +1047,10 @@ def format_summary(summary: dict) -> str:
     lines.append(f"WER in %; '<=T': fraction (%) of labelled rows kept by a WER <= T% filter; "
                  f"{o['empty_references']} empty reference(s), {o['no_reference']} without reference, "
                  f"{o['reference_encoding_errors']} with non-UTF-8 reference text")
+    if o.get("windows"):
+        lines.append(f"packed: {o['packed_clips']} clips in {o['windows']} windows (one row each; 'hours' counts "
+                     "clip audio, not gaps)" + (f"; {run.get('token_limit_splits', 0)} windows split at the token "
+                     f"budget, {run.get('token_limit_truncated', 0)} single clips reached it" if run else ""))
     if o.get("no_speech"):
         lines.append(f"no-speech rows (no label, not failures): {o['no_speech']}")
     if o["failures"]:

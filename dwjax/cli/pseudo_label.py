@@ -3,6 +3,12 @@
     dwjax pseudo-label --teacher builtin:whisper-base --data demo/train.jsonl demo/validation.jsonl --output labels/
     dwjax pseudo-label --teacher builtin:whisper-tiny.en --data libri=manifest.tsv --output labels/ --batch-size 16 \\
         --config exp.yaml model.dtype=bfloat16
+    dwjax pseudo-label --teacher builtin:whisper-base --data demo/train.jsonl --output packed/ --pack --pack-gap 0.5
+
+--pack labels windows of <= 30 s packed from consecutive clips of one speaker (the manifest's `speaker` column;
+otherwise in order), with timestamps: one row per window, its member clips, their offsets and durations in the
+JSON column `members`, the references joined and the WER of the window's label against them (see
+dwjax/pseudo_label.py). Unreadable, silent and over-30-s clips keep rows of their own; their neighbours are packed.
 
 Multi-process (one process per host, or N local CPU processes): set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID (or run under SLURM / on a TPU pod) and start the same command everywhere; every process must
@@ -43,7 +49,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="force a language (multilingual teachers); default: the manifest's, else detected per row")
     p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
     p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam width (1 = greedy, sharded)")
-    p.add_argument("--max-new-tokens", type=int, default=224)
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help="decoding budget (default: 224; with --pack 448, the decoder context, less the prompt)")
+    p.add_argument("--pack", action="store_true",
+                   help="label packed windows of consecutive clips, with timestamps (one row per window)")
+    p.add_argument("--pack-gap", type=float, default=0.5, metavar="S",
+                   help="seconds of silence between packed clips (default: 0.5)")
+    p.add_argument("--pack-max", type=float, default=30.0, metavar="S",
+                   help="longest packed window in seconds, at most 30 (default: 30)")
     p.add_argument("--commit-every", type=int, default=8, metavar="N",
                    help="write a part file every N global batches (what an interruption can lose)")
     p.add_argument("--workers", type=int, default=None,
@@ -64,16 +77,19 @@ def main(argv=None) -> int:
         teacher=args.teacher or cfg.model.teacher,
         output=args.output,
         batch_size=args.batch_size if args.batch_size is not None else cfg.train.eval_batch_size,
-        timestamps=args.timestamps,
+        timestamps=args.timestamps or args.pack,
         language=args.language,
         task=args.task,
         num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens,
+        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (448 if args.pack else 224),
         dtype=cfg.model.dtype,
         scan_layers=cfg.model.scan_layers,
         commit_every=args.commit_every,
         num_workers=args.workers if args.workers is not None else cfg.data.num_workers,
         progress=not args.no_progress,
+        pack=args.pack,
+        pack_gap_s=args.pack_gap,
+        pack_max_s=args.pack_max,
     )
     summary = label_datasets(args.data, opts, cfg)
     failed = (summary or {}).get("overall", {}).get("failed", 0)

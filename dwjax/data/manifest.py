@@ -5,14 +5,16 @@
 
 `spec` is a path, optionally prefixed with a dataset name: `name=path`. The path may be
   * a JSONL, CSV or TSV manifest with columns `id`, `audio` (a path, relative to the manifest file
-    unless absolute), and optionally `text`, `language`, `duration_s`;
+    unless absolute), and optionally `text`, `language`, `duration_s`, `speaker` (a speaker / source key: packing
+    never puts two speakers in one window);
   * a directory written by `datasets.Dataset.save_to_disk` (read with pyarrow, so nothing is decoded
     and neither `datasets` nor torch is needed);
   * a parquet or arrow file, or a directory of them. The audio column is either the struct
     `{"bytes", "path"}` that `datasets.Audio(decode=False)` stores, raw bytes, or a plain path
     column. Without an `id` column, ids are `<dataset>-<row number>`.
 A few common alternative column names are accepted (`path`/`file`/`audio_filepath` for audio,
-`sentence`/`transcription`/`transcript` for text, `lang`/`locale` for language, `key` for id).
+`sentence`/`transcription`/`transcript` for text, `lang`/`locale` for language, `key` for id,
+`speaker_id`/`source`/`client_id` for speaker).
 Bytes that are not UTF-8 in a text manifest are decoded with U+FFFD replacements, the example is
 flagged with `encoding_errors=True`, and a warning says how many rows were affected.
 """
@@ -36,6 +38,7 @@ AUDIO_COLUMNS = ("audio", "path", "file", "audio_filepath", "audio_path")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
 DURATION_COLUMNS = ("duration_s", "duration")
+SPEAKER_COLUMNS = ("speaker", "speaker_id", "source", "client_id")
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 TABLE_SUFFIXES = (".parquet", ".arrow")
 
@@ -51,6 +54,7 @@ class Example:
     dataset: str = ""
     duration_s: float | None = None
     encoding_errors: bool = False  # the row held bytes that were not UTF-8 (replaced by U+FFFD)
+    speaker: str | None = None     # speaker / source key, when the manifest has one
 
 
 def parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
@@ -107,7 +111,7 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Mapping[str, Any] | E
                 raise UserError(f"example {row.id!r} holds audio bytes, which a JSONL manifest cannot store")
             audio = os.path.relpath(os.path.abspath(row.audio_path), os.path.abspath(path.parent))
             row = {"id": row.id, "audio": audio, "text": row.text, "language": row.language,
-                   "duration_s": row.duration_s}
+                   "duration_s": row.duration_s, "speaker": row.speaker}
             row = {k: v for k, v in row.items() if v is not None}
         lines.append(json.dumps(dict(row), ensure_ascii=False))
     partial = path.with_name(f".{path.name}.{os.getpid()}.part")
@@ -155,6 +159,10 @@ def _as_optional_str(value: Any) -> str | None:
     return None if value is None else str(value)
 
 
+def _as_speaker(value: Any) -> str | None:
+    return None if value is None or str(value).strip() == "" else str(value).strip()
+
+
 def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str, bad: bool,
                       keys: dict[str, str | None]) -> Example:
     id_ = row.get(keys["id"]) if keys["id"] else None
@@ -165,6 +173,7 @@ def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str,
         raise UserError(f"{where}: empty 'audio'")
     text = row.get(keys["text"]) if keys["text"] else None
     language = row.get(keys["language"]) if keys["language"] else None
+    speaker = row.get(keys["speaker"]) if keys["speaker"] else None
     return Example(
         id=str(id_).strip(),
         audio_path=_resolve(str(audio).strip(), base),
@@ -173,6 +182,7 @@ def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str,
         dataset=name,
         duration_s=_as_float(row.get(keys["duration"])) if keys["duration"] else None,
         encoding_errors=bad,
+        speaker=_as_speaker(speaker),
     )
 
 
@@ -185,6 +195,7 @@ def _column_keys(columns: Iterable[str], path: Path, require_id: bool = True) ->
         "text": _first_key(present, TEXT_COLUMNS),
         "language": _first_key(present, LANGUAGE_COLUMNS),
         "duration": _first_key(present, DURATION_COLUMNS),
+        "speaker": _first_key(present, SPEAKER_COLUMNS),
     }
     for required in ("id", "audio") if require_id else ("audio",):
         if keys[required] is None:
@@ -323,6 +334,7 @@ def _read_tables(files: list[Path], base: Path, name: str) -> list[Example]:
                     language=_as_optional_str(language) or None,
                     dataset=name,
                     duration_s=_as_float(row.get(keys["duration"])) if keys["duration"] else None,
+                    speaker=_as_speaker(row.get(keys["speaker"])) if keys["speaker"] else None,
                 ))
                 row_number += 1
     if not examples:
