@@ -1,4 +1,5 @@
-"""Pseudo-labelling throughput: dwjax's labeller vs faster-whisper's BatchedInferencePipeline, same weights.
+"""Pseudo-labelling throughput: dwjax's labeller vs faster-whisper's BatchedInferencePipeline, same weights,
+each clip in its own 30 s window and packed (several clips in one window).
 
     python benchmarks/bench_pseudo_label.py                       # makes a >= 10 min demo set if missing
     python benchmarks/bench_pseudo_label.py --data demo/ --limit 64 --batch 8
@@ -8,6 +9,11 @@ model.bin, its two parts concatenated into a temporary directory): fp32, greedy 
 fallback), batch 8, no timestamps, no VAD, language forced to English, each clip its own 30 s window. Each engine
 runs in its own child process (so peak RSS is its own); wall time includes reading the audio. dwjax compiles on a
 warm-up batch first (persistent compilation cache), so the timed run measures steady-state labelling.
+Packed engines: `dwjax-packed` is `dwjax pseudo-label --pack` (consecutive clips joined into <= 30 s windows with
+0.5 s gaps, decoded with timestamps, 448 new tokens at most); `faster-whisper-vad` gives the pipeline every clip
+joined into one recording and lets its own VAD cut it into <= 30 s chunks (vad_filter=True, chunk_length 30). The
+packed engines' WER is scored on the joined texts (dwjax: each window against its members' joined references;
+faster-whisper-vad: the whole recording against all references). Audio seconds count the clips, never the gaps.
 Prints audio seconds per wall second for each, their ratio and each process's peak RSS. Progress goes to stderr:
 dwjax's labeller shows its own bar (as `dwjax pseudo-label` does); faster-whisper's bar advances after each batch,
 outside its timing.
@@ -69,7 +75,7 @@ def subset(data: Path, limit: int | None, work: Path) -> Path:
 # ------------------------------------------------------------------------------------------ engines (children)
 
 
-def run_dwjax(manifest: Path, batch: int, work: Path) -> dict:
+def run_dwjax(manifest: Path, batch: int, work: Path, packed: bool = False) -> dict:
     import jax
     jax.config.update("jax_compilation_cache_dir", str(work / "xla_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
@@ -81,6 +87,8 @@ def run_dwjax(manifest: Path, batch: int, work: Path) -> dict:
     warm = work / "warm.jsonl"
     write_manifest(warm, [{"id": e.id, "audio": e.audio_path, "text": e.text} for e in rows[: per_device * n_dev]])
     opts = dict(teacher=MODEL, batch_size=per_device, language="en", commit_every=1000)
+    if packed:
+        opts.update(pack=True, timestamps=True, max_new_tokens=448)
     t = time.time()
     label_datasets([f"bench={warm}"], LabelOptions(output=str(work / "warm-out"), progress=False, **opts))
     warm_s = time.time() - t
@@ -88,7 +96,8 @@ def run_dwjax(manifest: Path, batch: int, work: Path) -> dict:
     summary = label_datasets([f"bench={manifest}"], LabelOptions(output=str(work / "out"), progress=True, **opts))
     wall = time.time() - t
     o = summary["overall"]
-    return {"engine": "dwjax", "device": f"{jax.devices()[0].device_kind} x{n_dev}", "clips": o["rows"],
+    return {"engine": "dwjax-packed" if packed else "dwjax", "device": f"{jax.devices()[0].device_kind} x{n_dev}",
+            "clips": o.get("packed_clips") or o["rows"], "windows": o.get("windows"),
             "audio_s": o["audio_hours"] * 3600, "wall_s": wall, "warmup_s": warm_s,
             "corpus_wer": (o["wer"] or {}).get("corpus"), "peak_rss_mb": peak_rss_mb()}
 
@@ -148,6 +157,47 @@ def run_faster_whisper(manifest: Path, batch: int, work: Path) -> dict:
             "corpus_wer": error_rates(refs, hyps)["wer"], "peak_rss_mb": peak_rss_mb()}
 
 
+def run_faster_whisper_vad(manifest: Path, batch: int, work: Path) -> dict:
+    """The clips joined into one recording; the pipeline's VAD packs speech into <= 30 s chunks, batch `batch`."""
+    import ctranslate2
+    import numpy as np
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+
+    from dwjax.audio import load_audio
+    from dwjax.data.manifest import read_dataset
+    from dwjax.text.wer import error_rates
+    device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    model = WhisperModel(str(_ct2_dir(work)), device=device, compute_type="float32",
+                         cpu_threads=os.cpu_count() or 1)
+    pipe = BatchedInferencePipeline(model)
+    rows = read_dataset(manifest)
+    kw = dict(language="en", task="transcribe", beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
+              vad_filter=True, chunk_length=30, condition_on_previous_text=False, batch_size=batch,
+              log_progress=False)
+    warm = load_audio(rows[0].audio_path)
+    list(pipe.transcribe(np.concatenate([warm] * 4), **kw)[0])
+    t = time.time()                               # reading the audio is timed, as for the other engines
+    recording = np.concatenate([load_audio(e.audio_path) for e in rows])
+    audio_s = len(recording) / 16000
+    bar = progress(audio_s, "faster-whisper-vad", unit="audio-s")
+    segments, _ = pipe.transcribe(recording, **kw)
+    hyps = []
+    for seg in segments:                          # segments arrive as their batches finish
+        hyps.append(seg.text.strip())
+        bar.n = min(audio_s, seg.end)
+        bar.refresh()
+    wall = time.time() - t
+    bar.close()
+    refs = [" ".join(e.text or "" for e in rows)]
+    return {"engine": "faster-whisper-vad", "device": f"{device} (ctranslate2 {ctranslate2.__version__})",
+            "clips": len(rows), "audio_s": audio_s, "wall_s": wall, "warmup_s": None,
+            "corpus_wer": error_rates(refs, [" ".join(hyps)])["wer"], "peak_rss_mb": peak_rss_mb()}
+
+
+ENGINES = {"dwjax": run_dwjax, "dwjax-packed": lambda m, b, w: run_dwjax(m, b, w, packed=True),
+           "faster-whisper": run_faster_whisper, "faster-whisper-vad": run_faster_whisper_vad}
+
+
 # ------------------------------------------------------------------------------------------ parent
 
 
@@ -158,13 +208,13 @@ def main() -> int:
     p.add_argument("--minutes", type=float, default=10.5, help="size of the demo set made when --data is missing")
     p.add_argument("--limit", type=int, default=None, help="label only the first N clips")
     p.add_argument("--batch", type=int, default=8, help="global batch (both engines)")
-    p.add_argument("--engines", default="dwjax,faster-whisper")
+    p.add_argument("--engines", default=",".join(ENGINES), help=f"comma-separated, of {', '.join(ENGINES)}")
     p.add_argument("--engine", help=argparse.SUPPRESS)      # child mode
     p.add_argument("--manifest", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.engine:
-        fn = run_dwjax if args.engine == "dwjax" else run_faster_whisper
+        fn = ENGINES[args.engine]
         print("RESULT " + json.dumps(fn(args.manifest, args.batch, args.work)), flush=True)
         return 0
     ensure_demo(args.data, args.minutes)
@@ -173,6 +223,8 @@ def main() -> int:
         work = Path(tmp)
         manifest = subset(args.data, args.limit, work)
         for engine in args.engines.split(","):
+            if engine not in ENGINES:
+                raise SystemExit(f"unknown engine {engine!r}; engines: {', '.join(ENGINES)}")
             (work / engine).mkdir()
             cmd = [sys.executable, __file__, "--engine", engine, "--manifest", str(manifest), "--work",
                    str(work / engine), "--batch", str(args.batch)]
@@ -188,8 +240,17 @@ def main() -> int:
         wer = "-" if r["corpus_wer"] is None else f"{100 * r['corpus_wer']:.1f}"
         print(f"{r['engine']:<16} {r['device'][:28]:<28} {r['clips']:>6} {r['audio_s']:>9.1f} {r['wall_s']:>8.1f} "
               f"{r['audio_s'] / r['wall_s']:>10.2f} {wer:>6} {r['peak_rss_mb']:>12.0f}")
-    if len(results) == 2:
-        a, b = (r["audio_s"] / r["wall_s"] for r in results)
+    speed = {r["engine"]: r["audio_s"] / r["wall_s"] for r in results}
+    wers = {r["engine"]: r["corpus_wer"] for r in results}
+    if "dwjax-packed" in speed:
+        print()
+        for other in speed:
+            if other != "dwjax-packed":
+                dw = "" if wers.get(other) is None or wers["dwjax-packed"] is None else (
+                    f"  (WER {100 * wers['dwjax-packed']:.1f} vs {100 * wers[other]:.1f})")
+                print(f"throughput ratio dwjax-packed / {other}: {speed['dwjax-packed'] / speed[other]:.2f}x{dw}")
+    elif len(results) == 2:
+        a, b = speed.values()
         print(f"\nthroughput ratio {results[0]['engine']} / {results[1]['engine']}: {a / b:.2f}x")
     print(json.dumps(results))
     return 0
