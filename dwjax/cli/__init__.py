@@ -23,6 +23,7 @@ COMMANDS = {
     "checkpoint-info": ("dwjax.cli.checkpoint_info", "list the checkpoints of a run"),
     "plan": ("dwjax.cli.plan", "compile steps for a topology on fake devices; print memory and FLOPs"),
     "report": ("dwjax.cli.report", "markdown table and plots from evaluation results"),
+    "get-game-speech": ("dwjax.cli.get_game_speech", "real acted speech from two freeware games in Debian"),
 }
 
 
