@@ -626,9 +626,9 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                 buffer = []
             if bar is not None:   # process 0's audio, scaled to all processes (no communication)
                 bar.update(min(global_b, len(pending) - g * global_b))
-                audio_h = local_audio_s * n_proc / 3600
-                bar.set_postfix_str(f"~{audio_h:.3f} h audio, ~{audio_h / max(time.time() - t0, 1e-9):.4f} "
-                                    "audio-h/s", refresh=False)
+                audio_s = local_audio_s * n_proc
+                bar.set_postfix_str(f"~{audio_s / 3600:.3f} h audio, ~{audio_s / max(time.time() - t0, 1e-9):.2f} "
+                                    "audio-s/s", refresh=False)
     if bar is not None:
         bar.close()
     return {"audio_s": local_audio_s, "rows": local_rows, "ok": local_ok, "failed": local_failed,
@@ -832,8 +832,11 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                 _write_part(output, proc, n_proc, part_index, buffer)
                 part_index += 1
                 buffer = []
-            if bar is not None:
+            if bar is not None:   # process 0's clip audio (no gaps), scaled to all processes
                 bar.update(min(global_b, len(windows) - g * global_b))
+                audio_s = counts["audio_s"] * n_proc
+                bar.set_postfix_str(f"~{audio_s / 3600:.3f} h audio, ~{audio_s / max(time.time() - t0, 1e-9):.2f} "
+                                    "audio-s/s", refresh=False)
     if buffer:
         _write_part(output, proc, n_proc, part_index, buffer)
     if bar is not None:

@@ -312,3 +312,18 @@ def test_real_extraction_matches_shared_unlabelled(tmp_path):
         b, rb = sf.read(SHARED_UNLABELLED / shared[id_]["path"], dtype="int16")
         assert ra == rb == 11025
         np.testing.assert_array_equal(a, b)
+
+
+def test_split_by_speaker_is_disjoint_deterministic_and_keeps_the_hero_in_train():
+    from dwjax.cli.get_game_speech import split_by_speaker
+    rows = [{"id": f"j{i}", "speaker": "fotaq:joe"} for i in range(60)]
+    rows += [{"id": f"d{g}-{i}", "speaker": f"fotaq:dialogue-{g:02d}"} for g in range(10) for i in range(4)]
+    train, held = split_by_speaker(rows, 0.1)
+    speakers_train, speakers_held = {r["speaker"] for r in train}, {r["speaker"] for r in held}
+    assert not speakers_train & speakers_held                       # speaker-disjoint
+    assert "fotaq:joe" in speakers_train                            # the group over half the clips never held out
+    assert len(train) + len(held) == len(rows) and {r["id"] for r in train + held} == {r["id"] for r in rows}
+    assert 10 <= len(held) < 10 + 4                                 # whole groups until >= 10 % of 100 clips
+    assert split_by_speaker(list(reversed(rows)), 0.1)[1] == list(reversed(held))   # order-free choice
+    with pytest.raises(Exception, match="--holdout"):
+        split_by_speaker(rows, 1.5)

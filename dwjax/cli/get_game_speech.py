@@ -10,6 +10,7 @@ ar/tar reader where dpkg-deb is missing) and writes
     DIR/bass/NUMBER.flac      sky.dsk files 50000-59999, RNC-unpacked 8-bit PCM as 8-bit FLAC (11,025 Hz)
     DIR/GAME/COPYRIGHT, DIR/GAME/README-game.txt   the games' licences, which ask to travel with them
     DIR/manifest.jsonl        id, audio, duration_s, sample_rate, speaker, source: a dwjax manifest without text
+    DIR/train.jsonl, DIR/heldout.jsonl   with --holdout F: a speaker-disjoint split (`split_by_speaker`)
 
 The clips are those of ../shared/data/unlabelled (same ids, names and durations). See dwjax/data/game_speech.py.
 """
@@ -52,8 +53,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--packages-dir", metavar="DIR",
                         help="a folder holding the .deb files (PACKAGE_VERSION_all.deb); those missing are "
                              "downloaded into a temporary folder")
+    parser.add_argument("--holdout", type=float, default=0.0, metavar="F",
+                        help="also write train.jsonl and heldout.jsonl: whole speaker groups holding about this "
+                             "fraction of the clips go to heldout (deterministic; default 0: no split)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
+
+
+def split_by_speaker(rows: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, heldout): whole speaker groups, taken in the order of sha256(speaker), go to heldout until it holds
+    at least `fraction` of the clips; a group larger than half the clips (fotaq's hero) always stays in train.
+    A function of the speakers and their clip counts only, so every machine makes the same split."""
+    import hashlib
+    if not 0.0 < fraction < 1.0:
+        raise UserError(f"--holdout must be between 0 and 1 (exclusive), not {fraction}")
+    sizes: dict[str, int] = {}
+    for r in rows:
+        sizes[r["speaker"]] = sizes.get(r["speaker"], 0) + 1
+    order = sorted(sizes, key=lambda s: hashlib.sha256(s.encode()).hexdigest())
+    held, n_held, target = set(), 0, fraction * len(rows)
+    for speaker in order:
+        if n_held >= target:
+            break
+        if sizes[speaker] > len(rows) / 2:
+            continue
+        held.add(speaker)
+        n_held += sizes[speaker]
+    return [r for r in rows if r["speaker"] not in held], [r for r in rows if r["speaker"] in held]
 
 
 # ---------------------------------------------------------------- .deb handling
@@ -222,6 +248,8 @@ def get_game_speech(output: str | os.PathLike, games: list[str], packages_dir: s
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     games = parse_games(args.games)
+    if args.holdout and not 0.0 < args.holdout < 1.0:
+        raise UserError(f"--holdout must be between 0 and 1 (exclusive), not {args.holdout}")
     start = time.perf_counter()
     rows, failures, info = get_game_speech(args.output, games, args.packages_dir, progress=not args.no_progress)
     for game, i in info.items():
@@ -232,4 +260,10 @@ def main(argv: list[str]) -> int:
     if not rows:
         raise UserError("no clips were extracted")
     print(f"wrote {len(rows)} clips and {Path(args.output) / 'manifest.jsonl'} in {time.perf_counter() - start:.0f} s")
+    if args.holdout:
+        train, heldout = split_by_speaker(rows, args.holdout)
+        write_manifest(Path(args.output) / "train.jsonl", train)
+        write_manifest(Path(args.output) / "heldout.jsonl", heldout)
+        print(f"split by speaker: train.jsonl {len(train)} clips ({len({r['speaker'] for r in train})} speakers), "
+              f"heldout.jsonl {len(heldout)} clips ({len({r['speaker'] for r in heldout})} speakers)")
     return 1 if failures else 0
