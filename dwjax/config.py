@@ -123,8 +123,13 @@ class DataConfig:
         0.6, "labels without a reference: dropped when the teacher's no-speech probability exceeds this; null = off "
              "(0.6: Whisper's no_speech_threshold, above which it calls a window silent)")
     timestamp_probability: float = _f(0.2, "probability of training on the timestamped form of a label")
-    prev_context_probability: float = _f(0.0, "probability of conditioning on the previous segment's text")
+    prev_context_probability: float = _f(
+        0.0, "probability of conditioning a packed window on the previous window's text (<|startofprev|> prompt, "
+             "masked from the loss; dwjax/data/loader.py)")
     max_label_length: int = _f(448, "labels longer than this many tokens are dropped")
+    label_bucket: int = _f(
+        64, "pad each batch's labels to its longest sequence rounded up to a multiple of this (one compile per "
+            "bucket); 0 = pad every batch to the run's longest label")
     seed: int = _f(0, "seed of the data order; the order is a function of (seed, step)")
     num_workers: int = _f(4, "host threads decoding audio and computing features")
 
@@ -170,6 +175,12 @@ class TrainConfig:
     log_every: int = _f(50, "log training metrics every this many optimizer steps")
     eval_batch_size: int = _f(8, "examples per device when evaluating (generation)")
     max_eval_samples: int | None = _f(None, "cap on examples per evaluation set; null = all")
+    encoder_cache: str | None = _f(
+        None, "directory caching the frozen teacher encoder's output per training row (dwjax/data/encoder_cache.py;"
+              " needs a student that keeps the teacher's encoder); null = run the encoder every step")
+    encoder_cache_dtype: Literal["float16", "bfloat16"] = _f("float16", "dtype the encoder cache stores")
+    encoder_cache_rebuild: bool = _f(
+        False, "rebuild an encoder cache made for another teacher or audio instead of refusing it")
 
 
 @dataclass(frozen=True)
@@ -464,6 +475,7 @@ def _check_values(cfg: Config) -> None:
         _check_filter(where, holder, need)
     need(d.max_label_length > 0, f"data.max_label_length must be > 0, got {d.max_label_length}")
     need(d.num_workers >= 0, f"data.num_workers must be >= 0, got {d.num_workers}")
+    need(d.label_bucket >= 0, f"data.label_bucket must be >= 0, got {d.label_bucket}")
     for name in ("kl_weight", "ce_weight", "mse_weight"):
         need(getattr(cfg.loss, name) >= 0, f"loss.{name} must be >= 0, got {getattr(cfg.loss, name)}")
     need(cfg.loss.temperature > 0, f"loss.temperature must be > 0, got {cfg.loss.temperature}")

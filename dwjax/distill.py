@@ -7,6 +7,12 @@
 
 Start (see dwjax/checkpoint.py): this run's newest complete checkpoint -> checkpoint.init_from -> model.student.
 The data stream is a function of (data.seed, step), so a resumed run sees exactly the batches it would have seen.
+
+Packed label rows (`dwjax pseudo-label --pack`) train on their windows (dwjax/data/loader.py: window audio,
+timestamps, previous-window prompts). Each batch is padded to its longest label rounded up to `data.label_bucket`
+(the step compiles once per bucket met; the summary's `label_lengths` lists them). With `train.encoder_cache` the
+teacher encoder's output is computed once per row before training and read from disk afterwards
+(dwjax/data/encoder_cache.py); the step then runs no encoder.
 """
 from __future__ import annotations
 
@@ -260,25 +266,52 @@ def run(cfg: Config, *, devices=None) -> dict:
     if student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise UserError(f"student vocabulary ({student.cfg.vocab_size}) differs from the teacher's "
                         f"({teacher.cfg.vocab_size}): make the student from this teacher")
-    length = label_length(sets, cfg.data.max_label_length)
+    for s_ in sets:
+        s_.set_tokenizer(tok)
+    length = label_length(sets, cfg.data.max_label_length, prev_context_probability=cfg.data.prev_context_probability)
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.per_device_batch_size * n_dev * accum      # examples per optimizer step
 
-    from dwjax.train_step import make_sharded_train_step
+    from dwjax.train_step import make_sharded_train_step, shares_encoder
     steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)   # checks the model fits the mesh
+    if cfg.train.encoder_cache and not shares_encoder(student.cfg, teacher.cfg):
+        raise UserError("train.encoder_cache caches the teacher's encoder, but this student has an encoder of its "
+                        "own shape (it would still need the audio): make the student with `dwjax init-student` "
+                        "(it keeps the teacher's encoder) or set train.encoder_cache=null")
+    cache = None
+    if cfg.train.encoder_cache:
+        from dwjax.data.encoder_cache import open_cache, teacher_fingerprint
+
+        n_syncs = [0]
+
+        def sync():
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+                n_syncs[0] += 1
+                multihost_utils.sync_global_devices(f"dwjax-encoder-cache-open-{n_syncs[0]}")
+        cache = open_cache(cfg.train.encoder_cache, sets,
+                           teacher_fingerprint(teacher.params["encoder"], teacher.cfg.n_mels, cfg.model.dtype),
+                           cfg.train.encoder_cache_dtype, teacher.cfg.n_audio_ctx, teacher.cfg.d_model,
+                           rebuild=cfg.train.encoder_cache_rebuild, main_process=mesh_lib.is_main_process(),
+                           sync=sync, log=_log)
 
     # everything that can be refused has been checked: now say what the run is
     for name, c in counts.items():
         _log(format_counts(name, c, rules[name]))
     if devices is None:
         mesh_lib.banner(cfg, global_batch)       # global_batch already includes the accumulation
-        _log(f"labels padded to {length} tokens")
+        _log(f"labels padded to {_padding_words(length, cfg.data.label_bucket)}")
     else:
-        _log(f"labels padded to {length} tokens; global batch {global_batch} "
+        _log(f"labels padded to {_padding_words(length, cfg.data.label_bucket)}; global batch {global_batch} "
              f"({cfg.train.per_device_batch_size}/device x {n_dev} devices x {accum} accumulation); mesh {shape}")
-    batches = TrainBatches(sets, LabelEncoder(tok, length, cfg.data.timestamp_probability), global_batch,
-                           cfg.data.seed, jax.process_index(), n_proc, cfg.data.num_workers)
+    encoder = LabelEncoder(tok, length, cfg.data.timestamp_probability,
+                           prev_context_probability=cfg.data.prev_context_probability)
+    batches = TrainBatches(sets, encoder, global_batch, cfg.data.seed, jax.process_index(), n_proc,
+                           cfg.data.num_workers, label_bucket=cfg.data.label_bucket, encoder_cache=cache)
     teacher_params = steps.shard_teacher(teacher.params)
+    if cache is not None:
+        fill_encoder_cache(cache, steps, teacher_params, teacher.cfg.n_mels, cfg,
+                           cfg.train.per_device_batch_size * n_dev, cfg.data.num_workers)
 
     # where to start (documented order in dwjax/checkpoint.py)
     os.makedirs(out_dir, exist_ok=True) if mesh_lib.is_main_process() else None
@@ -322,10 +355,14 @@ def run(cfg: Config, *, devices=None) -> dict:
     batch_log = open(os.path.join(log_dir, batch_log_name(jax.process_index())), "a", buffering=1)
     restore_signals = ckpt_lib.install_preemption_handler()
     total = cfg.optim.total_steps
-    flops_step = global_batch * (length * (decoder_flops_per_token(student.cfg, True)
-                                           + decoder_flops_per_token(teacher.cfg, False))
-                                 + encoder_flops(teacher.cfg))
+    def flops_of(n_positions: int) -> float:
+        """Analytic FLOPs of a step whose labels are padded to n_positions (no encoder with the cache)."""
+        return global_batch * (n_positions * (decoder_flops_per_token(student.cfg, True)
+                                              + decoder_flops_per_token(teacher.cfg, False))
+                               + (0.0 if cache is not None else encoder_flops(teacher.cfg)))
     peak = peak_flops(devices)
+    lengths_seen: set[int] = set()
+    flops_since = 0.0
 
     def current_student() -> LoadedModel:
         params = _host(state.params)
@@ -340,19 +377,30 @@ def run(cfg: Config, *, devices=None) -> dict:
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results
 
-    summary = {"start_step": start_step, "data": counts}
+    summary = {"start_step": start_step, "data": counts, "label_lengths": []}
     last_eval = {}
     bar = tqdm(total=total, initial=start_step, desc="distill", unit="step", disable=not mesh_lib.is_main_process(),
                dynamic_ncols=True)
     progress = _Progress(bar, global_batch, audio_scale=n_proc)
     step = start_step
     t_last, toks, samples, n_steps = time.time(), 0.0, 0, 0
+    speech_since = 0.0
     try:
         if step < total:
             for step, local in batches.prefetch(start_step):
                 batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local[k]))
                          for k in ("decoder_input_ids", "labels", "loss_mask")}
-                batch["input_features"] = features(local["audio"])
+                if "encoder_out" in local:
+                    batch["encoder_out"] = jax.make_array_from_process_local_data(steps.batch_sharding,
+                                                                                  local["encoder_out"])
+                else:
+                    batch["input_features"] = features(local["audio"])
+                n_pos = int(local["labels"].shape[1])
+                if n_pos not in lengths_seen:
+                    lengths_seen.add(n_pos)
+                    summary["label_lengths"] = sorted(lengths_seen)
+                flops_since += flops_of(n_pos)
+                speech_since += float(local["audio_seconds"]) * n_proc
                 state, metrics = steps.train_step(state, teacher_params, batch)
                 batch_log.write(json.dumps({"step": step + 1, "ids": list(local["ids"])}) + "\n")
                 step += 1
@@ -362,13 +410,14 @@ def run(cfg: Config, *, devices=None) -> dict:
                     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
                     dt = (time.time() - t_last) / n_steps
                     m.update(step_time_s=dt, samples_per_s=global_batch / dt, tokens_per_s=m["n_tokens"] / dt,
-                             mfu=flops_step / dt / peak)
+                             mfu=flops_since / n_steps / dt / peak, speech_s_per_s=speech_since / n_steps / dt,
+                             label_length=n_pos)
                     logs.write(step, m, prefix="train/")
                     progress.show(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}",
                                   step_s=f"{dt:.2f}", tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
                     summary.setdefault("first_loss", m["loss"])
                     summary["last_loss"] = m["loss"]
-                    t_last, n_steps = time.time(), 0
+                    t_last, n_steps, flops_since, speech_since = time.time(), 0, 0.0, 0.0
                 stop = ckpt_lib.should_stop(step)
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
                     last_eval = evaluate(step, with_teacher=not last_eval)
@@ -407,6 +456,51 @@ def run(cfg: Config, *, devices=None) -> dict:
     checkpointer.close()
     logs.close()
     return summary
+
+
+def _padding_words(length: int, bucket: int) -> str:
+    if bucket <= 0:
+        return f"{length} tokens"
+    return f"each batch's longest label rounded up to a multiple of {bucket} (at most {length} tokens)"
+
+
+def fill_encoder_cache(cache, steps, teacher_params, n_mels: int, cfg: Config, global_batch: int,
+                       workers: int) -> int:
+    """Computes the cache's missing rows on the mesh (each process its rows of each global batch of
+    `global_batch` rows) and writes them (dwjax/data/encoder_cache.py)."""
+    import concurrent.futures as futures
+
+    from dwjax.audio import N_SAMPLES
+    from dwjax.data.encoder_cache import numpy_dtype
+    from dwjax.data.loader import row_audio
+    features = Features(n_mels, steps.batch_sharding)
+    dtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}[cfg.train.encoder_cache_dtype]
+
+    def load(di):
+        a, _ = row_audio(cache.sets[di[0]], di[1])
+        out = np.zeros(N_SAMPLES, np.float32)
+        n = min(len(a), N_SAMPLES)
+        out[:n] = a[:n]
+        return out
+
+    with futures.ThreadPoolExecutor(max(1, workers)) as pool:
+        def compute(rows):
+            audio = np.stack(list(pool.map(load, rows)))
+            enc = steps.encode(teacher_params, features(audio), dtype)
+            return _local_rows(enc).astype(numpy_dtype(cfg.train.encoder_cache_dtype))
+        return cache.fill(compute, global_batch, jax.process_index(), jax.process_count(), log=_log,
+                          progress=mesh_lib.is_main_process())
+
+
+def _local_rows(x) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, in order (replicas across other axes dropped)."""
+    if jax.process_count() == 1:
+        return np.asarray(jax.device_get(x))
+    shards = {}
+    for sh in x.addressable_shards:
+        start = sh.index[0].start or 0
+        shards.setdefault(start, sh)
+    return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
 
 
 def _mean_wer(results: dict) -> float:

@@ -14,7 +14,9 @@ or, sharded over a mesh (state created sharded, step jitted with in/out sharding
 
 The batch layout is in `dwjax/losses.py` (input_features, decoder_input_ids, labels, loss_mask); its leading
 dimension is grad_accum x microbatch. Per step:
-  * the frozen teacher encoder runs once per microbatch, its output (stop_gradient) feeds the teacher decoder and,
+  * the frozen teacher encoder runs once per microbatch (or, when the batch carries `encoder_out`, the teacher
+    encoder's output read from an on-disk cache, dwjax/data/encoder_cache.py, is cast to the compute dtype and
+    used instead), its output (stop_gradient) feeds the teacher decoder and,
     when the student encoder has the teacher's shape (`shares_encoder`: `init-student` copies it, and it is
     frozen), the student decoder too; otherwise the student's own encoder runs, also frozen;
   * only the decoder trains: the optimizer state covers `params["decoder"]` alone, the encoder has none;
@@ -42,6 +44,8 @@ from dwjax.models.configs import WhisperConfig
 from dwjax.models.whisper import Whisper, abstract_params, encode_batch
 
 BATCH_KEYS = ("input_features", "decoder_input_ids", "labels", "loss_mask")
+#: the batch with a cached teacher encoder output (n_audio_ctx, d_model) per row instead of the features
+CACHED_BATCH_KEYS = ("encoder_out", "decoder_input_ids", "labels", "loss_mask")
 _ENCODER_FIELDS = ("n_mels", "n_audio_ctx", "d_model", "encoder_layers", "encoder_heads", "ffn_dim")
 
 
@@ -123,7 +127,10 @@ def make_models(model_cfg, student_cfg: WhisperConfig, teacher_cfg: WhisperConfi
 
 def _teacher_forward(teacher_model, teacher_params, mb, need_hidden):
     variables = {"params": teacher_params}
-    enc = jax.lax.stop_gradient(encode_batch(teacher_model, teacher_params, mb["input_features"]))
+    if "encoder_out" in mb:
+        enc = jax.lax.stop_gradient(mb["encoder_out"].astype(teacher_model.dtype))
+    else:
+        enc = jax.lax.stop_gradient(encode_batch(teacher_model, teacher_params, mb["input_features"]))
     logits, _, hidden = teacher_model.apply(variables, mb["decoder_input_ids"], enc, None, True, method="decode")
     return enc, jax.lax.stop_gradient(logits), (jax.lax.stop_gradient(hidden) if need_hidden else None)
 
@@ -131,6 +138,9 @@ def _teacher_forward(teacher_model, teacher_params, mb, need_hidden):
 def _student_encoder_out(student_model, teacher_model, student_params, teacher_enc, features):
     if shares_encoder(student_model.cfg, teacher_model.cfg):
         return teacher_enc
+    if features is None:
+        raise ConfigError("a cached teacher encoder output cannot feed a student whose encoder differs from the "
+                          "teacher's: train without train.encoder_cache")
     enc = student_model.apply({"params": student_params}, features, method="encode")
     return jax.lax.stop_gradient(enc)
 
@@ -154,7 +164,7 @@ def train_step(state: TrainState, teacher_params, batch: dict, *, student_model:
     lr (of this step), n_tokens (of the whole step)."""
     use_mse = bool(loss_cfg.mse_weight)
     dec_params = state.params["decoder"]
-    batch = {k: batch[k] for k in BATCH_KEYS}
+    batch = {k: batch[k] for k in (CACHED_BATCH_KEYS if "encoder_out" in batch else BATCH_KEYS)}
 
     def loss_fn(dec, enc_out, mb, t_logits, t_hidden):
         logits, _, hidden = student_model.apply({"params": {"decoder": dec}}, mb["decoder_input_ids"], enc_out,
@@ -167,7 +177,7 @@ def train_step(state: TrainState, teacher_params, batch: dict, *, student_model:
 
     def micro(mb):
         t_enc, t_logits, t_hidden = _teacher_forward(teacher_model, teacher_params, mb, use_mse)
-        enc_out = _student_encoder_out(student_model, teacher_model, state.params, t_enc, mb["input_features"])
+        enc_out = _student_encoder_out(student_model, teacher_model, state.params, t_enc, mb.get("input_features"))
         return grad_fn(dec_params, enc_out, mb, t_logits, t_hidden)
 
     if grad_accum == 1:
@@ -196,7 +206,7 @@ def eval_step(student_params, teacher_params, batch: dict, *, student_model: Whi
     """Teacher-forced evaluation sums: {"kl_sum" (KL at T = 1), "ce_sum", "n_tokens"}; divide after summing over
     the evaluation set."""
     t_enc, t_logits, _ = _teacher_forward(teacher_model, teacher_params, batch, False)
-    enc_out = _student_encoder_out(student_model, teacher_model, student_params, t_enc, batch["input_features"])
+    enc_out = _student_encoder_out(student_model, teacher_model, student_params, t_enc, batch.get("input_features"))
     logits, _ = student_model.apply({"params": {"decoder": student_params["decoder"]}}, batch["decoder_input_ids"],
                                     enc_out, method="decode")
     terms = losses.distill_loss_terms(t_logits, logits, batch["labels"], batch["loss_mask"], 1.0)
@@ -231,6 +241,8 @@ class ShardedSteps:
     _init: Callable
     _train: Callable
     _eval: Callable
+    _train_cached: Callable = None
+    _encode: Callable = None
 
     def abstract_state(self) -> TrainState:
         """ShapeDtypeStructs of the state with their shardings (checkpoint restore targets); allocates nothing."""
@@ -247,12 +259,22 @@ class ShardedSteps:
         return _put(jax.tree_util.tree_map(lambda x: np.asarray(x, dtype), teacher_params), self.teacher_shardings)
 
     def put_batch(self, local_batch: dict) -> dict:
-        """This process's rows of the batch -> global arrays split over data x fsdp."""
+        """This process's rows of the batch -> global arrays split over data x fsdp (`encoder_out` instead of
+        `input_features` when the batch has it)."""
+        keys = CACHED_BATCH_KEYS if "encoder_out" in local_batch else BATCH_KEYS
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
-                for k in BATCH_KEYS}
+                for k in keys}
 
     def train_step(self, state, teacher_params, batch):
-        return self._train(state, teacher_params, batch)
+        """One step; a batch with `encoder_out` (a cached teacher encoder output) runs no encoder."""
+        if "encoder_out" in batch:
+            return self._train_cached(state, teacher_params, {k: batch[k] for k in CACHED_BATCH_KEYS})
+        return self._train(state, teacher_params, {k: batch[k] for k in BATCH_KEYS})
+
+    def encode(self, teacher_params, features, dtype):
+        """The teacher encoder's output of global `features`, cast to `dtype` (for the encoder cache), sharded
+        like the batch."""
+        return self._encode(teacher_params, features, dtype)
 
     def eval_step(self, student_params, teacher_params, batch):
         return self._eval(student_params, teacher_params, batch)
@@ -355,8 +377,18 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
                    donate_argnums=(0,))
     jit_train = jit(with_rules(step_fn), in_shardings=(state_shardings, teacher_shardings, batch_sh),
                     out_shardings=(state_shardings, repl), donate_argnums=(0,))
+    cached_sh = {key: batch_sharding for key in CACHED_BATCH_KEYS}
+    jit_train_cached = jit(with_rules(step_fn), in_shardings=(state_shardings, teacher_shardings, cached_sh),
+                           out_shardings=(state_shardings, repl), donate_argnums=(0,))
+
+    @functools.partial(jax.jit, static_argnums=(2,), compiler_options=compiler_options)
+    def jit_encode(teacher_params, features, dtype):
+        with nn.logical_axis_rules(rules):
+            enc = encode_batch(teacher_model, teacher_params, features)
+        return jax.lax.with_sharding_constraint(enc.astype(dtype), batch_sharding)
     eval_fn = functools.partial(eval_step, student_model=student_model, teacher_model=teacher_model)
     jit_eval = jit(with_rules(eval_fn), in_shardings=(state_shardings.params, teacher_shardings, batch_sh),
                        out_shardings=repl)
     return ShardedSteps(mesh, rules, student_model, teacher_model, tx, schedule, state_shardings, teacher_shardings,
-                        batch_sharding, k, nn.unbox(abstract_state), jit_init, jit_train, jit_eval)
+                        batch_sharding, k, nn.unbox(abstract_state), jit_init, jit_train, jit_eval, jit_train_cached,
+                        jit_encode)

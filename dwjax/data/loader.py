@@ -3,14 +3,41 @@
 Order. The stream is a pure function of (seed, step): global row g = step * global_batch + r picks a dataset by
 its weight (a generator seeded with (seed, g)), then the element at position g mod N_d of that dataset's
 permutation for epoch g // N_d. With one dataset this is an exact epoch-by-epoch shuffle. Nothing is carried
-between steps, so resuming at step s (on any number of processes) continues the same global stream.
+between steps, so resuming at step s (on any number of processes) continues the same global stream. The per-row
+randomness (timestamps kept or not, previous-text prompt or not) comes from a generator seeded with (seed, g, 2).
 
 Sharing. Process p of P builds rows [p * B/P, (p+1) * B/P) of every global batch of B rows.
 
-Labels. A sequence is prompt + teacher tokens + EOT, where the prompt is SOT [lang task] [<|notimestamps|>].
+Rows. A per-clip row (`audio` a path or bytes) is its clip padded to 30 s. A packed row (`dwjax pseudo-label
+--pack`: `audio` null, `members` a JSON list of {"id", "offset_s", "duration_s", "audio"}) is its window, built by
+`dwjax.data.packing.window_audio` from the members' audio at their offsets (zeros between them), padded to 30 s.
+`speech_s` of a row is its clip's length, or the sum of its members' durations (the gaps are not speech).
+
+Labels. A sequence is [<|startofprev|> prev...] + SOT [lang task] [<|notimestamps|>] + teacher tokens + EOT.
 decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT (the
-forced prompt tokens and the padding are masked). Labels with timestamps keep them with probability
-`timestamp_probability` (otherwise they are stripped and <|notimestamps|> is forced).
+previous-text prompt, the forced tokens and the padding are masked). Labels with timestamps keep them with
+probability `timestamp_probability`; otherwise they are stripped and <|notimestamps|> is forced. A per-clip label
+is stripped by dropping its timestamp tokens (as before); a packed label holds several segments, so its plain form
+is its segments' texts, each stripped, joined with one space and tokenised again (" " + text): the same tokens the
+teacher gives one recording without timestamps, never two segments glued without their space.
+
+Previous window (packed rows only). The previous window of a packed row W is the packed row W' of the same label
+directory with the same `dataset`, `source` and `language` whose first member comes just before W's in the
+labeller's order (member ids sorted as strings, `dwjax pseudo-label` packs in (dataset, id) order) and whose last
+member precedes W's first member: consecutive windows of one speaker. It is used only when W' itself passed the
+label filters (a dropped label is not trusted as context). With probability `prev_context_probability` (drawn for
+every row that has a previous window) the sequence starts with <|startofprev|> + W''s plain text tokens (no
+timestamps, as Whisper's text prompts), cut from the left to at most 223 tokens (Whisper's n_text_ctx // 2 - 1,
+which dwjax's long-form decoding also uses) and to what still fits the label length; the prompt is masked out of
+the loss. Per-clip rows have no previous window.
+
+Length. Each batch is padded to its longest sequence rounded up to a multiple of `data.label_bucket` (default 64;
+at most the run's label length, `label_length`), so a run compiles its step once per bucket it meets (<= 7 at 448
+tokens with 64); `label_bucket: 0` pads every batch to the run's label length (one compile, the old behaviour).
+Padding is masked: the loss does not depend on it (tests/test_packed_training.py).
+
+Encoder cache. With `encoder_cache` (dwjax/data/encoder_cache.py) a batch carries `encoder_out` (the teacher
+encoder's output for its rows, float16/bfloat16, read from the cache) instead of audio, and no audio is decoded.
 
 Filtering. `read_labelled` keeps the labels `dwjax/data/label_filter.py` passes (WER with a reference, the teacher's
 confidence without) and no longer than max_label_length.
@@ -34,21 +61,48 @@ from dwjax.errors import UserError
 class LabelledSet:
     name: str
     ids: list[str]
-    audio: list            # path (str) or bytes per row
+    audio: list            # path (str) or bytes per row; None for a packed row
     tokens: list[list[int]]
     language: list[Optional[str]]
     weight: float = 1.0
+    members: list = None   # per row: None (a clip) or the packed window's members [{"id", "offset_s", ...}]
+    plain: list = None     # per row: None (strip timestamp tokens) or the packed label's plain-text tokens
+    prev: list = None      # per row: index of its previous window in this set (module docstring), or -1
+    speech_s: list = None  # per row: seconds of speech (None: unknown until the audio is decoded)
+    datasets: list = None  # per row: the `dataset` column (None when absent)
+    durations: list = None  # per row: the `duration_s` column (None when absent)
+
+    def __post_init__(self):
+        n = len(self.ids)
+        for f in ("members", "plain", "speech_s", "datasets", "durations"):
+            if getattr(self, f) is None:
+                setattr(self, f, [None] * n)
+        if self.prev is None:
+            self.prev = [-1] * n
 
     def __len__(self):
         return len(self.ids)
 
+    def set_tokenizer(self, tok) -> None:
+        """Computes the plain-text form of every packed label (module docstring: Labels)."""
+        for i, mem in enumerate(self.members):
+            if mem is not None and self.plain[i] is None:
+                self.plain[i] = _plain_tokens(tok, self.tokens[i])
+
+    def key(self, i: int) -> str:
+        """The row's key in an encoder cache: `dataset/id` (the id alone without a dataset column)."""
+        d = self.datasets[i]
+        return f"{d}/{self.ids[i]}" if d else str(self.ids[i])
+
 
 def read_labelled(name: str, path: str, rule: LabelFilter | float | None = LabelFilter(), weight: float = 1.0,
-                  max_label_length: int = 448) -> tuple[LabelledSet, dict]:
+                  max_label_length: int = 448, tokenizer=None) -> tuple[LabelledSet, dict]:
     """Reads a pseudo-label directory (or parquet file) and filters its labels (`dwjax/data/label_filter.py`: the
     WER filter on rows with a reference, the teacher's confidence on rows without). `rule` is a LabelFilter, or
     a WER threshold in % (None = off) with the default confidence filter. Returns the set and the counts of
-    `label_filter.new_counts` (kept, and dropped by reason) for the report."""
+    `label_filter.new_counts` (kept, and dropped by reason) for the report. Packed rows need `tokenizer` (their
+    plain-text form, module docstring); without one they are stripped of timestamp tokens like clips."""
+    import json
     if not isinstance(rule, LabelFilter):
         rule = LabelFilter(wer_threshold=rule)
     files = _label_files(path)
@@ -56,25 +110,57 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     table.sort(key=lambda r: str(r["id"]))
     counts = new_counts()
     counts["total"] = len(table)
-    ids, audio, tokens, langs = [], [], [], []
+    ids, audio, tokens, langs, members, plain, speech, dsets, durs = [], [], [], [], [], [], [], [], []
+    windows: dict = {}          # (dataset, source, language) -> [(first member id, last member id, row index)]
     for row in table:
         reason = judge(row, rule, counts)
         if reason is None:
             toks = list(row["token_ids"])
             if len(toks) + 5 > max_label_length:
                 reason = "dropped_long"
+        mem = json.loads(row["members"]) if row.get("members") else None
+        if mem:
+            key = (row.get("dataset"), row.get("source"), row.get("language"))
+            windows.setdefault(key, []).append((str(mem[0]["id"]), str(mem[-1]["id"]),
+                                                len(ids) if reason is None else -1))
         if reason is not None:
             counts[reason] += 1
             continue
         ids.append(str(row["id"]))
-        audio.append(row.get("audio_bytes") or row["audio"])
+        audio.append(None if mem else (row.get("audio_bytes") or row["audio"]))
         tokens.append(toks)
         langs.append(row.get("language"))
+        members.append(mem)
+        dsets.append(row.get("dataset"))
+        durs.append(row.get("duration_s"))
+        if mem:
+            missing = [m["id"] for m in mem if not m.get("audio")]
+            if missing:
+                raise UserError(f"{path}: packed row {row['id']} has no audio path for member {missing[0]} "
+                                f"(relabel with `dwjax pseudo-label --pack`)")
+            speech.append(float(sum(float(m["duration_s"]) for m in mem)))
+            plain.append(_plain_tokens(tokenizer, toks) if tokenizer is not None else None)
+        else:
+            speech.append(None)
+            plain.append(None)
+    prev = [-1] * len(ids)
+    for group in windows.values():
+        group.sort()
+        for (first0, last0, i0), (first1, _, i1) in zip(group, group[1:]):
+            if i1 >= 0 and i0 >= 0 and last0 < first1:
+                prev[i1] = i0
     counts["kept"] = len(ids)
     if not ids:
         raise UserError(f"{path}: no training examples left after the label filters "
                         f"({format_counts(name, counts, rule)})")
-    return LabelledSet(name, ids, audio, tokens, langs, weight), counts
+    return LabelledSet(name, ids, audio, tokens, langs, weight, members, plain, prev, speech, dsets, durs), counts
+
+
+def _plain_tokens(tok, tokens: list[int]) -> list[int]:
+    """A packed label without timestamps: its segments' texts, stripped, joined by one space, tokenised again."""
+    segs = tok.segments(tokens)
+    text = " ".join(t for t in (s["text"].strip() for s in segs) if t)
+    return tok.encode(" " + text) if text else []
 
 
 #: columns `read_labelled` needs (dwjax/pseudo_label.py writes these and more)
@@ -155,45 +241,88 @@ def _permutation(seed: int, d: int, epoch: int, n: int) -> np.ndarray:
     return perm
 
 
+#: longest previous-text prompt (Whisper's n_text_ctx // 2 - 1, as dwjax/decoding/longform.py)
+MAX_PREV_TOKENS = 223
+
+
 class LabelEncoder:
-    """Builds padded (decoder_input_ids, labels, loss_mask) from teacher token ids."""
+    """Builds (decoder_input_ids, labels, loss_mask) from teacher token ids (module docstring: Labels)."""
 
-    def __init__(self, tokenizer, length: int, timestamp_probability: float, task: str = "transcribe"):
+    def __init__(self, tokenizer, length: int, timestamp_probability: float, task: str = "transcribe",
+                 prev_context_probability: float = 0.0):
         self.tok, self.length, self.p_ts, self.task = tokenizer, length, timestamp_probability, task
+        self.p_prev = prev_context_probability
 
-    def __call__(self, tokens: list[int], language: Optional[str], rng: np.random.Generator):
+    def encode(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
+               plain: Optional[list[int]] = None, prev: Optional[list[int]] = None) -> tuple[list[int], int]:
+        """(the full sequence, cut to length + 1 tokens, and its prompt length). `plain`: the label's form without
+        timestamps (None: drop its timestamp tokens); `prev`: the previous window's plain tokens (None: no
+        previous window). The generator draws once for timestamps (when the label has some), then once for the
+        prompt (when there is a previous window and prev_context_probability > 0)."""
         tb = self.tok.timestamp_begin
         has_ts = any(t >= tb for t in tokens)
         use_ts = has_ts and rng.random() < self.p_ts
         if not use_ts:
-            tokens = [t for t in tokens if t < tb]
+            tokens = list(plain) if plain is not None and has_ts else [t for t in tokens if t < tb]
         lang = (language or "en") if self.tok.is_multilingual else None
         prompt = self.tok.sot_sequence(lang, self.task if self.tok.is_multilingual else None, use_ts)
-        seq = prompt + tokens + [self.tok.eot]
-        seq = seq[: self.length + 1]
-        inp, lab = seq[:-1], seq[1:]
-        mask = [0] * (len(prompt) - 1) + [1] * (len(lab) - len(prompt) + 1)
-        pad = self.length - len(inp)
-        return (np.array(inp + [self.tok.eot] * pad, np.int32), np.array(lab + [self.tok.eot] * pad, np.int32),
-                np.array(mask + [0] * pad, np.float32))
+        if prev is not None and self.p_prev > 0 and rng.random() < self.p_prev:
+            room = min(MAX_PREV_TOKENS, self.length + 1 - len(prompt) - len(tokens) - 1 - 1)
+            if room > 0 and prev:
+                prompt = [self.tok.sot_prev] + list(prev[-room:]) + prompt
+        seq = (prompt + tokens + [self.tok.eot])[: self.length + 1]
+        return seq, len(prompt)
+
+    def pad(self, encoded: Sequence[tuple[list[int], int]], length: Optional[int] = None):
+        """(decoder_input_ids, labels, loss_mask) of the sequences, padded (EOT, masked) to `length` positions."""
+        length = self.length if length is None else length
+        inp = np.full((len(encoded), length), self.tok.eot, np.int32)
+        lab = np.full((len(encoded), length), self.tok.eot, np.int32)
+        mask = np.zeros((len(encoded), length), np.float32)
+        for r, (seq, n_prompt) in enumerate(encoded):
+            n = len(seq) - 1
+            inp[r, :n] = seq[:-1]
+            lab[r, :n] = seq[1:]
+            mask[r, n_prompt - 1: n] = 1.0
+        return inp, lab, mask
+
+    def __call__(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
+                 plain: Optional[list[int]] = None, prev: Optional[list[int]] = None):
+        inp, lab, mask = self.pad([self.encode(tokens, language, rng, plain, prev)])
+        return inp[0], lab[0], mask[0]
 
 
-def label_length(sets: Sequence[LabelledSet], max_label_length: int, multiple: int = 16) -> int:
-    """One static label length for the whole run (one compile): the longest sequence, rounded up."""
+def label_length(sets: Sequence[LabelledSet], max_label_length: int, multiple: int = 16,
+                 prev_context_probability: float = 0.0) -> int:
+    """The run's longest label length (the bucket cap): the longest sequence, rounded up; with previous-text
+    prompts and some row that has a previous window, max_label_length."""
+    if prev_context_probability > 0 and any(p >= 0 for s in sets for p in s.prev):
+        return max_label_length
     longest = max(len(t) for s in sets for t in s.tokens) + 5      # prompt (<= 4) + EOT
     return min(max_label_length, multiple * math.ceil(longest / multiple))
 
 
+def bucket_length(longest: int, cap: int, bucket: int) -> int:
+    """Positions a batch is padded to: its longest input (`longest` positions) rounded up to a multiple of
+    `bucket`, at most `cap`; `bucket` 0 = always `cap`."""
+    if bucket <= 0:
+        return cap
+    return min(cap, bucket * max(1, math.ceil(longest / bucket)))
+
+
 class TrainBatches:
-    """`batch(step)` -> this process's rows of global batch `step` as numpy arrays (audio decoded, not yet mel)."""
+    """`batch(step)` -> this process's rows of global batch `step` as numpy arrays (audio decoded, not yet mel;
+    or, with an encoder cache, the cached encoder output)."""
 
     def __init__(self, sets: Sequence[LabelledSet], encoder: LabelEncoder, global_batch: int, seed: int,
-                 process_index: int = 0, process_count: int = 1, workers: int = 4):
+                 process_index: int = 0, process_count: int = 1, workers: int = 4, label_bucket: int = 0,
+                 encoder_cache=None):
         if global_batch % process_count:
             raise UserError(f"global batch {global_batch} is not divisible by {process_count} processes")
         self.sets, self.enc, self.B, self.seed = list(sets), encoder, global_batch, seed
         self.local = global_batch // process_count
         self.offset = process_index * self.local
+        self.bucket, self.cache = label_bucket, encoder_cache
         self.pool = futures.ThreadPoolExecutor(max(1, workers))      # decodes the rows of a batch
         self.ahead = futures.ThreadPoolExecutor(1)                     # builds the next batch meanwhile
 
@@ -201,30 +330,47 @@ class TrainBatches:
         base = step * self.B + self.offset
         return [row_source(self.sets, self.seed, base + r) for r in range(self.local)]
 
-    def _audio(self, d: int, i: int) -> tuple[np.ndarray, int]:
-        """(the row's audio padded or cut to 30 s, the number of real samples in it)."""
-        src = self.sets[d].audio[i]
-        a = load_audio_bytes(src, name=self.sets[d].ids[i]) if isinstance(src, bytes) else load_audio(src)
+    def _audio(self, d: int, i: int) -> tuple[np.ndarray, float]:
+        """(the row's audio padded or cut to 30 s, its seconds of speech)."""
+        a, speech = row_audio(self.sets[d], i)
         out = np.zeros(N_SAMPLES, np.float32)
         n = min(len(a), N_SAMPLES)
         out[:n] = a[:n]
-        return out, n
+        return out, (speech if speech is not None else n / SAMPLE_RATE)
+
+    def labels(self, step: int, rows: Optional[list[tuple[int, int]]] = None) -> dict:
+        """decoder_input_ids, labels, loss_mask (padded to the batch's bucket) and n_prompt of batch `step`."""
+        rows = self.rows(step) if rows is None else rows
+        encoded = []
+        for r, (d, i) in enumerate(rows):
+            s = self.sets[d]
+            p = s.prev[i]
+            encoded.append(self.enc.encode(s.tokens[i], s.language[i],
+                                           np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]),
+                                           s.plain[i], (s.plain[p] if s.plain[p] is not None else
+                                                        [t for t in s.tokens[p] if t < self.enc.tok.timestamp_begin])
+                                           if p >= 0 else None))
+        length = bucket_length(max(len(seq) - 1 for seq, _ in encoded), self.enc.length, self.bucket)
+        inp, lab, mask = self.enc.pad(encoded, length)
+        return {"decoder_input_ids": inp, "labels": lab, "loss_mask": mask,
+                "n_prompt": np.array([n for _, n in encoded], np.int32)}
 
     def batch(self, step: int) -> dict:
-        """This process's rows of batch `step`: audio, decoder_input_ids, labels, loss_mask, ids and
-        audio_seconds (the real audio in these rows, before padding: for audio-s/s rates)."""
+        """This process's rows of batch `step`: audio (or encoder_out with a cache), decoder_input_ids, labels,
+        loss_mask, n_prompt, ids and audio_seconds (the speech in these rows, before padding and without the gaps
+        of packed windows: for speech-s/s rates)."""
         rows = self.rows(step)
-        decoded = list(self.pool.map(lambda di: self._audio(*di), rows))
-        audio = [a for a, _ in decoded]
-        enc = [self.enc(self.sets[d].tokens[i], self.sets[d].language[i],
-                        np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]))
-               for r, (d, i) in enumerate(rows)]
-        return {"audio": np.stack(audio),
-                "decoder_input_ids": np.stack([e[0] for e in enc]),
-                "labels": np.stack([e[1] for e in enc]),
-                "loss_mask": np.stack([e[2] for e in enc]),
-                "ids": [self.sets[d].ids[i] for d, i in rows],
-                "audio_seconds": float(sum(n for _, n in decoded)) / SAMPLE_RATE}
+        out = self.labels(step, rows)
+        if self.cache is not None:
+            out["encoder_out"] = self.cache.read(rows)
+            seconds = [row_speech_seconds(self.sets[d], i) for d, i in rows]
+        else:
+            decoded = list(self.pool.map(lambda di: self._audio(*di), rows))
+            out["audio"] = np.stack([a for a, _ in decoded])
+            seconds = [s for _, s in decoded]
+        out["ids"] = [self.sets[d].ids[i] for d, i in rows]
+        out["audio_seconds"] = float(sum(seconds))
+        return out
 
     def close(self) -> None:
         """Stop the decoding threads (a pending prefetch is abandoned)."""
@@ -240,3 +386,37 @@ class TrainBatches:
             nxt = self.ahead.submit(self.batch, step + 1)
             yield step, cur
             step += 1
+
+
+def member_window(s: LabelledSet, i: int):
+    """A packed row's `dwjax.data.packing.Window` (from its `members`)."""
+    from dwjax.data.packing import Member, Window
+    mem = s.members[i]
+    return Window(s.ids[i], None, tuple(Member(str(m["id"]), float(m["offset_s"]), float(m["duration_s"]))
+                                        for m in mem), None)
+
+
+def row_audio(s: LabelledSet, i: int) -> tuple[np.ndarray, Optional[float]]:
+    """(row i's audio: its clip, or its packed window built from the members' audio at their offsets, its
+    seconds of speech: None for a clip, whose length is its speech)."""
+    if s.members[i] is None:
+        src = s.audio[i]
+        a = load_audio_bytes(src, name=s.ids[i]) if isinstance(src, bytes) else load_audio(src)
+        return a, None
+    from dwjax.data.packing import window_audio
+    clips = [load_audio(m["audio"]) for m in s.members[i]]
+    try:
+        return window_audio(member_window(s, i), clips), s.speech_s[i]
+    except ValueError as e:
+        raise UserError(f"{s.name}: packed row {s.ids[i]}: {e} (the audio changed since labelling?)") from None
+
+
+def row_speech_seconds(s: LabelledSet, i: int) -> float:
+    """Seconds of speech in row i: the members' durations, the label's duration_s (<= 30 s), or (decoding the
+    clip) its length."""
+    if s.speech_s[i] is None and s.durations[i] is not None:
+        s.speech_s[i] = min(float(s.durations[i]), N_SAMPLES / SAMPLE_RATE)
+    if s.speech_s[i] is None:
+        a, _ = row_audio(s, i)
+        s.speech_s[i] = min(len(a), N_SAMPLES) / SAMPLE_RATE
+    return float(s.speech_s[i])
