@@ -118,18 +118,24 @@ def _ct2_dir(work: Path) -> Path:
     return out
 
 
+def _fw_pipeline(work: Path):
+    """faster-whisper's BatchedInferencePipeline over the builtin base weights, fp32; (pipeline, device)."""
+    import ctranslate2
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+    device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    model = WhisperModel(str(_ct2_dir(work)), device=device, compute_type="float32",
+                         cpu_threads=os.cpu_count() or 1)
+    return BatchedInferencePipeline(model), device
+
+
 def run_faster_whisper(manifest: Path, batch: int, work: Path) -> dict:
     import ctranslate2
     import numpy as np
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from dwjax.audio import load_audio
     from dwjax.data.manifest import read_dataset
     from dwjax.text.wer import error_rates
-    device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    model = WhisperModel(str(_ct2_dir(work)), device=device, compute_type="float32",
-                         cpu_threads=os.cpu_count() or 1)
-    pipe = BatchedInferencePipeline(model)
+    pipe, device = _fw_pipeline(work)
     rows = read_dataset(manifest)
     kw = dict(language="en", task="transcribe", beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
               vad_filter=False, condition_on_previous_text=False, batch_size=batch, log_progress=False)
@@ -161,15 +167,11 @@ def run_faster_whisper_vad(manifest: Path, batch: int, work: Path) -> dict:
     """The clips joined into one recording; the pipeline's VAD packs speech into <= 30 s chunks, batch `batch`."""
     import ctranslate2
     import numpy as np
-    from faster_whisper import BatchedInferencePipeline, WhisperModel
 
     from dwjax.audio import load_audio
     from dwjax.data.manifest import read_dataset
     from dwjax.text.wer import error_rates
-    device = "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
-    model = WhisperModel(str(_ct2_dir(work)), device=device, compute_type="float32",
-                         cpu_threads=os.cpu_count() or 1)
-    pipe = BatchedInferencePipeline(model)
+    pipe, device = _fw_pipeline(work)
     rows = read_dataset(manifest)
     kw = dict(language="en", task="transcribe", beam_size=1, best_of=1, temperature=0.0, without_timestamps=True,
               vad_filter=True, chunk_length=30, condition_on_previous_text=False, batch_size=batch,
