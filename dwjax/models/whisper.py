@@ -188,13 +188,17 @@ class DecoderLayer(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x, layer_cache, enc_out, mask, cache_mask):
+    def __call__(self, x, layer_cache, enc_out, mask, cache_mask, index=None):
         """x: (b, t, d). layer_cache: None (teacher forcing; `mask` causal over x) or this layer's cache slice
-        (`cache_mask` marks its written positions, `mask` is causal over the t new tokens).
+        (`cache_mask` marks its written positions, `mask` is causal over the t new tokens, `index` (b,) each
+        row's first new position).
 
-        Returns (x, outputs): with a cache, outputs holds this layer's new keys/values (b, h, t, hd), which
-        `Decoder` writes into the layer's cache array, and the cross-attention keys/values only when computed here
-        (the first call)."""
+        Returns (x, outputs): with a cache, outputs holds this layer's cache arrays "k"/"v" with the new keys and
+        values written at `index`, and the cross-attention keys/values only when computed here (the first call).
+        The new keys/values are written before the attention reads the cache (the attention still masks the cache
+        to its old positions and takes the new ones from k/v, so the numbers are those of attending before the
+        write): the write then updates the while-loop's buffer in place, where a read of the old buffer after
+        the write made XLA copy every layer's cache twice per decoding step."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd = c.d_model // c.decoder_heads
         self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", **kw)
@@ -206,8 +210,10 @@ class DecoderLayer(nn.Module):
         if layer_cache is None:
             x = x + self_attn(h, k, v, mask)
         else:
-            x = x + self_attn.cached(h, layer_cache["k"], layer_cache["v"], cache_mask, k, v, mask)
-            outputs = {"k": k, "v": v}
+            k_cache = _write_rows(layer_cache["k"], k, index)
+            v_cache = _write_rows(layer_cache["v"], v, index)
+            x = x + self_attn.cached(h, k_cache, v_cache, cache_mask, k, v, mask)
+            outputs = {"k": k_cache, "v": v_cache}
 
         h = LayerNorm(name="cross_attn_norm", **kw)(x)
         if layer_cache is not None and layer_cache.get("cross_k") is not None:
@@ -306,9 +312,10 @@ class Decoder(nn.Module):
                 layer_params = jax.tree_util.tree_map(lambda a: a[i], stacked)
                 layer_cache = {k: (None if cache[k] is None else cache[k][i])
                                for k in ("k", "v", "cross_k", "cross_v")}
-                x, out = layer.apply({"params": layer_params}, x, layer_cache, enc_out, mask, cache_mask)
+                x, out = layer.apply({"params": layer_params}, x, layer_cache, enc_out, mask, cache_mask,
+                                     cache["index"])
                 for name in ("k", "v"):
-                    new_cache[name].append(_write_rows(cache[name][i], out[name], cache["index"]))
+                    new_cache[name].append(out[name])
                 if first_call:
                     new_cache["cross_k"].append(out["cross_k"])
                     new_cache["cross_v"].append(out["cross_v"])
