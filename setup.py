@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Distil-Whisper in JAX/Flax: pseudo-label, distil, evaluate and export Whisper students",
     packages=find_packages(include=["dwjax", "dwjax.*"]),
-    package_data={"dwjax": ["defaults/*.yaml"]},
+    package_data={"dwjax": ["defaults/*.yaml", "data/*.tsv"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -23,6 +23,7 @@ setup(
         "soundfile>=0.12",
         "soxr>=0.5",
         "jiwer>=3.0",
+        "sacrebleu>=2.3",            # BLEU of translate sets in `dwjax evaluate`
         "whisper-normalizer>=0.1.12",
         "safetensors>=0.4",
         "pyyaml>=6",

@@ -91,6 +91,11 @@ class DatasetSpec:
         None, "this set's data.max_compression_ratio; null = the data section's (.inf = off)")
     max_no_speech_prob: float | None = _f(
         None, "this set's data.max_no_speech_prob; null = the data section's (.inf = off)")
+    language: str | None = _f(
+        None, "the language token of every row's prompt (a Whisper code such as de); null = each row's own, as the "
+              "labeller recorded it (given or detected)")
+    task: Literal["transcribe", "translate"] | None = _f(
+        None, "the task token of every row's prompt; null = each row's own, as the labeller recorded it")
 
 
 @dataclass(frozen=True)
@@ -471,6 +476,12 @@ def _check_values(cfg: Config) -> None:
         need(0.0 <= getattr(d, name) <= 1.0, f"data.{name} must be in [0, 1], got {getattr(d, name)}")
     for spec in d.train:
         need(spec.weight > 0, f"data.train weight of {spec.name} must be > 0, got {spec.weight}")
+        if spec.language is not None:
+            from dwjax.text.tokenizer import resolve_language
+            try:
+                resolve_language(spec.language)
+            except ConfigError as e:
+                raise ConfigError(f"data.train {spec.name} language: {e}") from None
     for where, holder in (("data", d), *((f"data.train {spec.name}", spec) for spec in d.train)):
         _check_filter(where, holder, need)
     need(d.max_label_length > 0, f"data.max_label_length must be > 0, got {d.max_label_length}")

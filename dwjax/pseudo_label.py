@@ -31,6 +31,20 @@ fraction (not %) of word errors of the label against the reference, both normali
 null where there is no reference or the normalised reference is empty (filter those out, as the paper does).
 `token_ids` are the generated tokens without the prompt and without EOT.
 
+Languages and tasks. A row's language is, in this order: `--language` (forced for the run), the manifest row's
+`language`, else the one the teacher detects (multilingual teachers; `language_source` says which: "forced",
+"manifest", "detected"); `language_probability` is the teacher's probability of the row's language (softmax over
+the language tokens after <|startoftranscript|>, as Whisper's detect_language; null for beam search and
+long-form rows). A row's task is the manifest row's `task` (transcribe / translate), else `--task`. `wer` is then
+scored the way `dwjax.text.languages` says for the row's language: WER on English-normalised text for English,
+WER on basic-normalised text for other languages, CER for languages written without spaces (`metric` says which);
+for translate rows it is the WER of the English label against the reference (an English translation). Rows whose
+language cannot be used get no label and a failure status, one line on stderr per (dataset, language) however
+many rows share it: "unknown language" (not a Whisper code or name), "unsupported language" (not in the teacher's
+vocabulary, or not English for an English-only teacher); a row whose reference is not written in its language's
+script gets "mixed scripts" (one line per row). Translate rows for an English-only teacher are refused with the
+run (one line).
+
 Packed labelling (`LabelOptions(pack=True)`, `dwjax pseudo-label --pack`). Every pending clip is read first (on
 every process, so all agree on the windows); clips that are missing, unreadable, empty, silent or of an unknown
 language get their own rows exactly as above, clips over 30 s are labelled on their own (long-form), and the good
@@ -108,10 +122,16 @@ SCHEMA = pa.schema([
     ("status", pa.string()),                 # "ok", "no speech: <why>", or "<kind>: <detail>" (FAILURE_KINDS)
     ("members", pa.string()),                # packed windows: JSON list of {"id", "offset_s", "duration_s", "audio"}
     ("source", pa.string()),                 # packed windows: the members' speaker / source key (null if unknown)
+    ("task", pa.string()),                   # "transcribe" or "translate" (null in labels of older versions)
+    ("language_probability", pa.float64()),  # the teacher's probability of `language` (null: not measured)
+    ("language_source", pa.string()),        # "forced", "manifest" or "detected"
+    ("metric", pa.string()),                 # what `wer` measures: "wer" or "cer" (dwjax.text.languages)
 ])
 #: the kinds of rows that get no label because something failed (the part of `status` before the first ":")
 FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
-                 "long-form decoding failed")
+                 "unsupported language", "mixed scripts", "long-form decoding failed")
+#: failure kinds decided by a (dataset, language) pair: reported once per pair, not once per row
+LANGUAGE_KINDS = ("unknown language", "unsupported language")
 #: the kind of rows that get no label because they hold no speech (not a failure)
 NO_SPEECH = "no speech"
 #: Whisper's no-speech rule (openai/whisper transcribe()): a window is silent when the no-speech probability is
@@ -127,7 +147,7 @@ class LabelOptions:
     batch_size: int = 8                 # per device
     timestamps: bool = False
     language: Optional[str] = None      # None: the example's language, else detected (multilingual teachers)
-    task: str = "transcribe"
+    task: str = "transcribe"            # rows without a manifest `task`
     num_beams: int = 1
     max_new_tokens: int = 224
     dtype: str = "float32"
@@ -229,13 +249,35 @@ def compression_ratio(text: str) -> float:
     return len(data) / max(1, len(zlib.compress(data))) if data else 0.0
 
 
-def row_wer(reference: Optional[str], hypothesis: str) -> Optional[float]:
-    """Word error rate (fraction) of one label on `normalize_english` text; None without reference words."""
+def row_wer(reference: Optional[str], hypothesis: str, language: Optional[str] = None,
+            task: Optional[str] = None) -> Optional[float]:
+    """Error rate (fraction) of one label against its reference, the way `dwjax.text.languages.score` scores
+    `language` (WER, or CER for languages written without spaces); a translation is English. None without
+    reference words."""
     if reference is None:
         return None
-    from dwjax.text.wer import error_rates
-    rates = error_rates([reference], [hypothesis])
-    return None if rates["n_pairs"] == 0 else float(rates["wer"])
+    from dwjax.text.languages import score
+    rates = score(_safe_language(_scored_language(language, task)), [reference], [hypothesis])
+    return None if rates["n_pairs"] == 0 else float(rates["rate"])
+
+
+def _scored_language(language: Optional[str], task: Optional[str]) -> Optional[str]:
+    """The language a label is written in: English for a translation, else the row's language."""
+    return "en" if task == "translate" else language
+
+
+def _safe_language(language: Optional[str]) -> Optional[str]:
+    """`language` when dwjax.text.languages knows it, else None (scored as English)."""
+    from dwjax.text.tokenizer import resolve_language
+    try:
+        return resolve_language(language) if language else None
+    except UserError:
+        return None
+
+
+def row_metric(language: Optional[str], task: Optional[str]) -> str:
+    from dwjax.text.languages import metric
+    return metric(_safe_language(_scored_language(language, task)))
 
 
 def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
@@ -243,7 +285,8 @@ def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
             "token_ids": None, "language": None, "avg_logprob": None, "compression_ratio": None,
             "no_speech_prob": None, "timestamps": None, "reference": e.text,
             "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status,
-            "members": None, "source": None}
+            "members": None, "source": None, "task": e.task, "language_probability": None,
+            "language_source": None, "metric": None}
 
 
 def status_kind(status: Optional[str]) -> str:
@@ -267,17 +310,20 @@ def no_speech_status(duration: Optional[float], no_speech_prob: float, avg_logpr
 
 
 def _label_row(e: Example, duration: float, text: str, tokens: list[int], language: Optional[str],
-               avg_logprob: float, no_speech_prob: float, segments: Optional[list]) -> dict:
+               avg_logprob: float, no_speech_prob: float, segments: Optional[list], task: str = "transcribe",
+               language_probability: Optional[float] = None, language_source: Optional[str] = None) -> dict:
     silent = no_speech_status(duration, float(no_speech_prob), float(avg_logprob))
     if silent is not None:      # no label; the teacher's scores stay for inspection
         row = _base_row(e, duration, silent)
-        row.update(language=language, avg_logprob=float(avg_logprob), no_speech_prob=float(no_speech_prob))
+        row.update(language=language, avg_logprob=float(avg_logprob), no_speech_prob=float(no_speech_prob),
+                   task=task, language_probability=language_probability, language_source=language_source)
         return row
     row = _base_row(e, duration, "ok")
     row.update(text=text, token_ids=[int(t) for t in tokens], language=language, avg_logprob=float(avg_logprob),
                compression_ratio=compression_ratio(text), no_speech_prob=float(no_speech_prob),
                timestamps=json.dumps(segments, ensure_ascii=False) if segments is not None else None,
-               wer=row_wer(e.text, text))
+               wer=row_wer(e.text, text, language, task), task=task, language_probability=language_probability,
+               language_source=language_source, metric=row_metric(language, task))
     return row
 
 
@@ -345,13 +391,11 @@ class _Teacher:
         self.spec = dc.replace(DecodeSpec.for_model(self.tok, self.loaded.generation, self.cfg.vocab_size),
                                timestamps=bool(opts.timestamps))
         self.forced_language = None
-        if opts.language:
-            from dwjax.text.tokenizer import resolve_language
-            code = resolve_language(opts.language)
+        if opts.language:       # the run's option: a bad one refuses the run (one line)
+            from dwjax.text.languages import check_language
+            code = check_language(opts.language, self.tok, f"the teacher {opts.teacher}")
             if self.multilingual:
                 self.forced_language = self.tok.language_token(code)
-            elif code != "en":
-                raise UserError(f"the teacher is English-only; it cannot label language {opts.language!r}")
         # the prompt; multilingual: a language placeholder at position 1, filled per row inside the step
         if self.multilingual:
             self.template = self.tok.sot_sequence(next(iter(self.tok.languages)), opts.task, opts.timestamps)
@@ -368,49 +412,87 @@ class _Teacher:
 
         from dwjax.mesh import BATCH_AXES
         rows = P(BATCH_AXES)
-        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows), out_specs=rows, check_vma=False)
-        self._step = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding),
-                             out_shardings=self.batch_sharding)
+        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows,
+                             check_vma=False)
+        self._step = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
+                                                 self.batch_sharding), out_shardings=self.batch_sharding)
         self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
 
     def _mel_impl(self, audio):
         from dwjax.audio import log_mel_spectrogram
         return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
 
-    def _step_impl(self, params, mel, lang):
+    def _step_impl(self, params, mel, lang, task):
         lang_ids = tuple(self.tok.languages.values()) if self.multilingual else None
-        return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang)
+        return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang,
+                          task if self.multilingual else None)
 
     def language_id(self, e: Example) -> int | str:
-        """The forced language token of a row (-1: detect), or a reason string when the row's language is bad."""
-        if not self.multilingual:
-            return -1
+        """The forced language token of a row (-1: detect), or a failure status when the row's language cannot
+        be used: "unknown language: ..." or "unsupported language: ..." (see the module docstring)."""
         if self.forced_language is not None:
             return self.forced_language
         if not e.language:
             return -1
+        from dwjax.text.languages import check_language
         try:
-            from dwjax.text.tokenizer import resolve_language
-            return self.tok.language_token(resolve_language(e.language))
-        except (UserError, KeyError, ValueError) as err:
-            return f"unknown language: {e.language!r} ({err})"
+            code = check_language(e.language, self.tok, f"the teacher {self.opts.teacher}")
+        except ConfigError as err:
+            from dwjax.text.tokenizer import LANGUAGES, resolve_language
+            try:
+                known = resolve_language(e.language) in LANGUAGES
+            except ConfigError:
+                known = False
+            return f"{'unsupported' if known else 'unknown'} language: {err}"
+        return self.tok.language_token(code) if self.multilingual else -1
 
-    def run(self, local_audio: np.ndarray, local_lang: np.ndarray, global_b: int):
-        """Global arrays from this process's rows, one step, this process's rows of the results (numpy)."""
+    def language_source(self, e: Example) -> str:
+        return "forced" if self.forced_language is not None else ("manifest" if e.language else "detected")
+
+    def task(self, e: Example) -> str:
+        return e.task or self.opts.task
+
+    def task_id(self, e: Example) -> int:
+        """The task token of a row (multilingual teachers; -1 for English-only ones, which have no task)."""
+        if not self.multilingual:
+            return -1
+        return self.tok.translate if self.task(e) == "translate" else self.tok.transcribe
+
+    def check(self, e: Example) -> int | str:
+        """`language_id`, or the "mixed scripts: ..." status of a row whose reference is not written in the
+        script of its language (the forced or manifest one; a translation's reference is English)."""
+        lid = self.language_id(e)
+        if isinstance(lid, str) or e.text is None:
+            return lid
+        from dwjax.text.languages import script_problem
+        language = "en" if self.task(e) == "translate" else (self.opts.language or e.language)
+        problem = script_problem(e.text, language)
+        return problem if problem is not None else lid
+
+    def run(self, local_audio: np.ndarray, local_lang: np.ndarray, global_b: int,
+            local_task: Optional[np.ndarray] = None):
+        """Global arrays from this process's rows, one step, this process's rows of the results (numpy).
+        `local_task`: each row's task token (default: the run's task)."""
         import jax
         s = self.batch_sharding
+        if local_task is None:
+            local_task = np.full(local_lang.shape, self.template[2] if self.multilingual else -1, np.int32)
         audio = jax.make_array_from_process_local_data(s, local_audio, (global_b, N_SAMPLES))
         lang = jax.make_array_from_process_local_data(s, local_lang, (global_b,))
-        out = self._step(self.params, self._mel(audio), lang)
+        task = jax.make_array_from_process_local_data(s, local_task, (global_b,))
+        out = self._step(self.params, self._mel(audio), lang, task)
         return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
 
 
-def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang):
+def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None):
     """One device's rows: encoder, language detection (multilingual teachers, rows with lang < 0), greedy decode.
 
     `template` is the prompt; for multilingual teachers position 1 holds the language token, filled per row from
-    `lang` (>= 0: forced) or the detected language. Pure: the pseudo-labeller runs it under shard_map; the
-    accelerator benchmark times the same function."""
+    `lang` (>= 0: forced) or the detected language, and position 2 the task token, per row from `task` when
+    given. Outputs also `language` (the token used) and `language_probability` (the teacher's probability of it
+    among the language tokens). Pure: the pseudo-labeller runs it under shard_map; the accelerator benchmark
+    times the same function."""
+    import jax
     import jax.numpy as jnp
 
     from dwjax.decoding.generate import decode_loop
@@ -422,11 +504,18 @@ def label_step(model, spec, template, language_ids, max_new: int, params, mel, l
         ids = jnp.asarray(language_ids, jnp.int32)
         logits, _ = model.apply({"params": params}, jnp.full((b, 1), spec.sot, jnp.int32), enc, None,
                                 method="decode")
-        detected = ids[jnp.argmax(jnp.take(logits[:, 0], ids, axis=-1), axis=-1)]
+        scores = jnp.take(logits[:, 0], ids, axis=-1).astype(jnp.float32)
+        detected = ids[jnp.argmax(scores, axis=-1)]
         lang = jnp.where(lang >= 0, lang, detected).astype(jnp.int32)
+        probs = jax.nn.softmax(scores, axis=-1)
+        lang_prob = jnp.sum(jnp.where(ids[None, :] == lang[:, None], probs, 0.0), axis=-1)
         prompt = prompt.at[:, 1].set(lang)
+        if task is not None:
+            prompt = prompt.at[:, 2].set(jnp.asarray(task, jnp.int32))
     out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0)
     out["language"] = lang
+    if language_ids is not None:
+        out["language_probability"] = lang_prob
     return out
 
 
@@ -503,20 +592,49 @@ def _long_form():
     return transcribe_long
 
 
-def _decode_kw(opts: LabelOptions, language: Optional[str]) -> dict:
-    kw = dict(language=language, task=opts.task, timestamps=opts.timestamps, max_new_tokens=opts.max_new_tokens)
+def _decode_kw(opts: LabelOptions, language: Optional[str], task: Optional[str] = None) -> dict:
+    kw = dict(language=language, task=task or opts.task, timestamps=opts.timestamps,
+              max_new_tokens=opts.max_new_tokens)
     if opts.num_beams > 1:
         kw["num_beams"] = opts.num_beams
     return kw
 
 
-def _transcript_row(e: Example, duration: float, t, timestamps: bool) -> dict:
+def _transcript_row(e: Example, duration: float, t, timestamps: bool, task: str = "transcribe",
+                    language_source: Optional[str] = None) -> dict:
     segs = t.segments if timestamps else None
-    return _label_row(e, duration, t.text, t.tokens, t.language or "en", t.avg_logprob, t.no_speech_prob, segs)
+    return _label_row(e, duration, t.text, t.tokens, t.language or "en", t.avg_logprob, t.no_speech_prob, segs,
+                      task, None, language_source)
+
+
+def _check_languages(pending: list[Example], teacher: "_Teacher", report: bool = True) -> None:
+    """Refuses translate rows for an English-only teacher (one line, the whole run); names each (dataset,
+    language) whose rows cannot be labelled, one line per pair on stderr (`report`), with how many rows it has
+    (those rows get the failure status, `_Teacher.language_id`; every other row is labelled)."""
+    if not teacher.multilingual:
+        translate = [e for e in pending if teacher.task(e) == "translate"]
+        if translate:
+            raise UserError(f"the teacher {teacher.opts.teacher} is English-only and cannot translate; "
+                            f"{len(translate)} row(s) ask for task translate (first: {translate[0].dataset}/"
+                            f"{translate[0].id}): use a multilingual teacher such as builtin:whisper-base")
+    bad: dict[tuple[str, str], list] = {}
+    for e in pending:
+        if e.language and teacher.forced_language is None:
+            key = (e.dataset, e.language)
+            if key not in bad:
+                bad[key] = [teacher.language_id(e), 0]
+            bad[key][1] += 1
+    for (dataset, language), (status, n) in bad.items():
+        if report and isinstance(status, str):
+            print(f"dwjax pseudo-label: error: {dataset}: {n} row(s) of language {language!r} get no label: "
+                  f"{status}", file=sys.stderr, flush=True)
 
 
 def _report_failure(row: dict, bar=None) -> None:
-    """One line on stderr naming a row that failed (above the progress bar when there is one)."""
+    """One line on stderr naming a row that failed (above the progress bar when there is one). Rows whose
+    language cannot be used are not named one by one: `_report_languages` named their (dataset, language)."""
+    if status_kind(row["status"]) in LANGUAGE_KINDS:
+        return
     line = f"dwjax pseudo-label: error: {row['dataset']}/{row['id']}: {row['status']}"
     if bar is not None:
         bar.write(line, file=sys.stderr)
@@ -561,14 +679,17 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
             loaded = [f.result() for f in current]
             audio = np.zeros((n_local, N_SAMPLES), np.float32)
             lang = np.full((n_local,), -1, np.int32)
+            task = np.full((n_local,), -1, np.int32)
             on_device = []
             for i, item in enumerate(loaded):
-                if item.status == "ok":
-                    lid = teacher.language_id(item.example)
+                if item.status in ("ok", "long"):
+                    lid = teacher.check(item.example)
                     if isinstance(lid, str):
                         item.status = lid
                         continue
+                if item.status == "ok":
                     lang[i] = lid
+                    task[i] = teacher.task_id(item.example)
                     audio[i, : len(item.audio)] = item.audio
                     on_device.append(i)
             rows: list[Optional[dict]] = [None] * len(loaded)
@@ -578,19 +699,24 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                 for i in on_device:
                     item = loaded[i]
                     language = teacher.code_of.get(int(lang[i])) if lang[i] >= 0 else None
-                    t = tr.transcribe_batch([item.audio], **_decode_kw(opts, language))[0]
-                    rows[i] = _transcript_row(item.example, item.duration, t, opts.timestamps)
+                    e = item.example
+                    t = tr.transcribe_batch([item.audio], **_decode_kw(opts, language, teacher.task(e)))[0]
+                    rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
+                                              teacher.language_source(e))
             elif on_device or n_proc > 1:
-                out = teacher.run(audio, lang, global_b)
+                out = teacher.run(audio, lang, global_b, task)
                 for i in on_device:
                     item = loaded[i]
+                    e = item.example
                     ids = out["tokens"][i, : out["lengths"][i]].tolist()
                     text = teacher.tok.decode(ids).strip()
                     segs = teacher.tok.segments(ids, duration=item.duration) if opts.timestamps else None
                     language = teacher.code_of.get(int(out["language"][i]), "en") if teacher.multilingual else "en"
                     avg_lp = float(out["sum_logprob"][i]) / (int(out["lengths"][i]) + 1)
-                    rows[i] = _label_row(item.example, item.duration, text, ids, language, avg_lp,
-                                         float(out["no_speech_prob"][i]), segs)
+                    prob = float(out["language_probability"][i]) if teacher.multilingual else None
+                    rows[i] = _label_row(e, item.duration, text, ids, language, avg_lp,
+                                         float(out["no_speech_prob"][i]), segs, teacher.task(e), prob,
+                                         teacher.language_source(e))
             for i, item in enumerate(loaded):
                 if rows[i] is not None:
                     continue
@@ -601,11 +727,13 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                         rows[i] = _base_row(item.example, item.duration, reason)
                     else:
                         tr = _local_transcriber(teacher, opts, local_cache)
-                        lid = teacher.language_id(item.example)
+                        e = item.example
+                        lid = teacher.language_id(e)
                         language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
                         try:
-                            t = transcribe_long(tr, item.audio, **_decode_kw(opts, language))
-                            rows[i] = _transcript_row(item.example, item.duration, t, opts.timestamps)
+                            t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
+                            rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
+                                                      teacher.language_source(e))
                         except Exception as err:  # a row must never stop the run
                             rows[i] = _base_row(item.example, item.duration,
                                                 f"long-form decoding failed: {type(err).__name__}: {err}")
@@ -676,30 +804,33 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
         probed = list(pool.map(lambda e: _probe(e, keep), pending))
     by_key = {(it.example.dataset, it.example.id): it for it in probed}
     own_rows: list[tuple[int, _Loaded, Optional[str]]] = []   # (index, item, failure) labelled on their own
-    partitions: dict[tuple[str, int], list[Utterance]] = {}
+    partitions: dict[tuple[str, int, str], list[Utterance]] = {}
     budget = teacher.max_new - _TOKEN_MARGIN
     for i, item in enumerate(probed):
         e = item.example
-        if item.status != "ok":                       # failed, no speech, or over 30 s: a row of its own
+        if item.status not in ("ok", "long"):         # failed or no speech: a row of its own
             own_rows.append((i, item, None))
             continue
-        lid = teacher.language_id(e)
+        lid = teacher.check(e)
         if isinstance(lid, str):
             own_rows.append((i, item, lid))
             continue
+        if item.status == "long":                     # over 30 s: a row of its own (long-form)
+            own_rows.append((i, item, None))
+            continue
         ref = (e.text or "").strip()
         est = math.ceil(_TOKEN_FACTOR * len(teacher.tok.encode(" " + ref))) + _TOKENS_PER_MEMBER if ref else None
-        partitions.setdefault((e.dataset, lid), []).append(
+        partitions.setdefault((e.dataset, lid, teacher.task(e)), []).append(
             Utterance(e.id, item.duration, e.text, e.speaker, est))
-    windows = []                                        # (dataset, language id, Window)
-    for (dataset, lid), utts in partitions.items():
+    windows = []                                        # (dataset, language id, Window, task)
+    for (dataset, lid, task), utts in partitions.items():
         packing = pack(utts, max_s=opts.pack_max_s, gap_s=opts.pack_gap_s, max_tokens=budget)
-        windows += [(dataset, lid, w) for w in packing.windows]
+        windows += [(dataset, lid, w, task) for w in packing.windows]
         # clips longer than --pack-max (and <= 30 s): a window of their own
-        windows += [(dataset, lid, w) for u in packing.unpacked
+        windows += [(dataset, lid, w, task) for u in packing.unpacked
                     for w in pack([u], max_s=N_SAMPLES / SAMPLE_RATE, gap_s=opts.pack_gap_s).windows]
     n_batches = math.ceil(len(windows) / global_b)
-    n_clips = sum(len(w.members) for _, _, w in windows)
+    n_clips = sum(len(w.members) for _, _, w, _ in windows)
     if is_main_process():
         print(f"dwjax pseudo-label: teacher {opts.teacher}; {n_examples} examples, {n_done} already labelled, "
               f"{len(pending)} to label: {n_clips} packed into {len(windows)} windows of <= {opts.pack_max_s:g} s "
@@ -746,23 +877,25 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
         bar.update(len(own_rows))
 
     # 3. the windows: global batch g holds windows [g*B, (g+1)*B), this process decodes rows [lo, hi) of it
-    def window_row(dataset: str, language: Optional[str], w, ids: list[int], avg_lp: float, nsp: float) -> dict:
+    def window_row(dataset: str, language: Optional[str], w, ids: list[int], avg_lp: float, nsp: float,
+                   task: str, prob: Optional[float] = None) -> dict:
         members = [by_key[(dataset, m)].example for m in w.ids]
-        e = Example(id=w.id, dataset=dataset, text=w.reference,
+        e = Example(id=w.id, dataset=dataset, text=w.reference, language=members[0].language,
                     encoding_errors=any(m.encoding_errors for m in members))
         text = teacher.tok.decode(ids).strip()
         segs = teacher.tok.segments(ids, duration=w.duration_s)
-        row = _label_row(e, w.duration_s, text, ids, language, avg_lp, nsp, segs)
+        row = _label_row(e, w.duration_s, text, ids, language, avg_lp, nsp, segs, task, prob,
+                         teacher.language_source(e))
         row.update(members=members_json(w, {m.id: {"audio": m.audio_path} for m in members}), source=w.source)
         return row
 
-    def decode_split(dataset: str, lid: int, w, audio: np.ndarray) -> list[dict]:
+    def decode_split(dataset: str, lid: int, w, audio: np.ndarray, task: str) -> list[dict]:
         """A window whose decoding reached the budget: its halves (recursively), on the local device."""
         language = teacher.code_of.get(lid) if lid >= 0 else None
         if len(w.members) == 1:
             counts["token_limit_truncated"] += 1
             return [window_row(dataset, language or "en", w, *_local_decode(teacher, opts, local_cache, audio,
-                                                                            language)[:3])]
+                                                                            language, task)[:3], task)]
         counts["token_limit_splits"] += 1
         half = len(w.members) // 2
         rows = []
@@ -773,11 +906,11 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
             sub_w = sub[0]
             start = int(round(part[0].offset_s * SAMPLE_RATE))
             sub_audio = audio[start: start + int(round(sub_w.duration_s * SAMPLE_RATE))]
-            ids, avg_lp, nsp, hit, lang = _local_decode(teacher, opts, local_cache, sub_audio, language)
+            ids, avg_lp, nsp, hit, lang = _local_decode(teacher, opts, local_cache, sub_audio, language, task)
             if hit:
-                rows += decode_split(dataset, lid, sub_w, sub_audio)
+                rows += decode_split(dataset, lid, sub_w, sub_audio, task)
             else:
-                rows.append(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp))
+                rows.append(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp, task))
         return rows
 
     def load_window(dataset: str, w) -> tuple[Optional[np.ndarray], Optional[str]]:
@@ -793,7 +926,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
 
     with cf.ThreadPoolExecutor(max_workers=max(1, opts.num_workers)) as pool:
         def submit(g: int):
-            return [pool.submit(load_window, ds, w) for ds, _, w in rows_of(g)] if g < n_batches else []
+            return [pool.submit(load_window, ds, w) for ds, _, w, _ in rows_of(g)] if g < n_batches else []
 
         ahead = submit(0)
         for g in range(n_batches):
@@ -802,14 +935,16 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
             loaded = [f.result() for f in current]
             audio = np.zeros((n_local, N_SAMPLES), np.float32)
             lang = np.full((n_local,), -1, np.int32)
-            for i, ((_, lid, _), (a, _)) in enumerate(zip(mine, loaded)):
+            task_ids = np.full((n_local,), -1, np.int32)
+            for i, ((_, lid, _, task), (a, _)) in enumerate(zip(mine, loaded)):
                 if a is not None:
                     audio[i, : len(a)] = a
                     lang[i] = lid
+                    task_ids[i] = teacher.task_id(Example(id="", task=task))
             rows: list[dict] = []
             if any(a is not None for a, _ in loaded) or n_proc > 1:
-                out = teacher.run(audio, lang, global_b)
-            for i, ((dataset, lid, w), (a, err)) in enumerate(zip(mine, loaded)):
+                out = teacher.run(audio, lang, global_b, task_ids)
+            for i, ((dataset, lid, w, task), (a, err)) in enumerate(zip(mine, loaded)):
                 if a is None:
                     e = Example(id=w.id, dataset=dataset, text=w.reference)
                     row = _base_row(e, w.duration_s, err)
@@ -821,11 +956,12 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                 ids = out["tokens"][i, :n].tolist()
                 if n >= teacher.max_new:                 # no EOT within the budget: never a truncated window
                     if len(w.members) > 1:
-                        rows += decode_split(dataset, lid, w, a)
+                        rows += decode_split(dataset, lid, w, a, task)
                         continue
                     counts["token_limit_truncated"] += 1     # one clip: labelled as the per-clip path does
+                prob = float(out["language_probability"][i]) if teacher.multilingual else None
                 rows.append(window_row(dataset, language, w, ids, float(out["sum_logprob"][i]) / (n + 1),
-                                       float(out["no_speech_prob"][i])))
+                                       float(out["no_speech_prob"][i]), task, prob))
             account(rows)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
@@ -846,10 +982,10 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
 
 
 def _local_decode(teacher: "_Teacher", opts: LabelOptions, cache: dict, audio: np.ndarray,
-                  language: Optional[str]) -> tuple[list[int], float, float, bool, Optional[str]]:
+                  language: Optional[str], task: str) -> tuple[list[int], float, float, bool, Optional[str]]:
     """(tokens, avg_logprob, no_speech_prob, reached the budget, language) of one window on the local device."""
     tr = _local_transcriber(teacher, opts, cache)
-    t = tr.transcribe_batch([audio], language=language, task=opts.task, timestamps=True,
+    t = tr.transcribe_batch([audio], language=language, task=task, timestamps=True,
                             max_new_tokens=teacher.max_new)[0]
     return list(t.tokens), float(t.avg_logprob), float(t.no_speech_prob), len(t.tokens) >= teacher.max_new, t.language
 
@@ -861,11 +997,12 @@ def _long_row(teacher: "_Teacher", opts: LabelOptions, item: _Loaded, cache: dic
         reason = f"longer than 30 s: {item.duration:.1f} s, no long-form decoder (dwjax.decoding.longform)"
         return _base_row(item.example, item.duration, reason)
     tr = _local_transcriber(teacher, opts, cache)
-    lid = teacher.language_id(item.example)
+    e = item.example
+    lid = teacher.language_id(e)
     language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
     try:
-        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language))
-        return _transcript_row(item.example, item.duration, t, opts.timestamps)
+        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
+        return _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e), teacher.language_source(e))
     except Exception as err:  # a row must never stop the run
         return _base_row(item.example, item.duration, f"long-form decoding failed: {type(err).__name__}: {err}")
 
@@ -932,6 +1069,9 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
         multihost_utils.assert_equal(np.array([len(pending), _fingerprint(pending) & 0x7FFFFFFF], np.int32),
                                      "processes disagree on the examples left to label: every process must see "
                                      "the same manifests and the same output directory (a shared file system)")
+    # the teacher and the languages are checked before anything is written: a refused run leaves no options behind
+    teacher = _Teacher(opts, mesh)
+    _check_languages(pending, teacher, report=is_main_process())
     _sync("dwjax-pseudo-label-scan")
     if is_main_process() and not (output / OPTIONS_FILE).exists():
         tmp = output / f".{OPTIONS_FILE}.tmp"
@@ -939,7 +1079,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
                        encoding="utf-8")
         os.replace(tmp, output / OPTIONS_FILE)
 
-    teacher = _Teacher(opts, mesh)
     lo, hi = local_row_range(teacher.batch_sharding, global_b)
     runner = _run_packed if opts.pack else _run_per_clip
     local = runner(pending, opts, teacher, output, proc, n_proc, lo, hi, global_b, len(examples), len(done), n_dev)
@@ -987,7 +1126,23 @@ def _group_summary(rows: list[dict]) -> dict:
         elif r["status"] != "ok":
             key = status_kind(r["status"])
             statuses[key] = statuses.get(key, 0) + 1
-    corpus = error_rates([r["reference"] for r in with_ref], [r["text"] for r in with_ref]) if with_ref else None
+    # each pair normalised the way its language is scored (English for translations; dwjax.text.languages)
+    from dwjax.text.languages import normalizer, score
+    norms = [normalizer(_safe_language(_scored_language(r.get("language"), r.get("task")))) for r in with_ref]
+    corpus = error_rates([n(r["reference"]) for n, r in zip(norms, with_ref)],
+                         [n(r["text"]) for n, r in zip(norms, with_ref)], normalize=False) if with_ref else None
+    by_language: dict[tuple, list[dict]] = {}
+    for r in ok:
+        by_language.setdefault((r.get("language") or "en", r.get("task") or "transcribe"), []).append(r)
+    languages = {}
+    for (lang, task), group in sorted(by_language.items()):
+        refd = [r for r in group if r["reference"] is not None]
+        scored_as = _safe_language(_scored_language(lang, task))
+        rates = score(scored_as, [r["reference"] for r in refd], [r["text"] for r in refd]) if refd else None
+        languages[f"{lang}/{task}"] = {
+            "ok": len(group), "metric": rates["metric"] if rates else None,
+            "corpus": None if rates is None or math.isnan(rates["rate"]) else rates["rate"],
+            "detected": sum(r.get("language_source") == "detected" for r in group)}
     out = {
         "rows": len(rows), "ok": len(ok), "no_speech": no_speech, "failed": len(rows) - len(ok) - no_speech,
         "audio_hours": sum(_speech_seconds(r) for r in ok) / 3600,
@@ -997,7 +1152,7 @@ def _group_summary(rows: list[dict]) -> dict:
         "no_reference": len(ok) - len(with_ref),
         "reference_encoding_errors": sum(bool(r["reference_encoding_errors"]) for r in rows),
         "failures": dict(sorted(statuses.items())),
-        "wer": None, "kept": None,
+        "wer": None, "kept": None, "languages": languages,
     }
     if scored:
         out["wer"] = {"corpus": None if corpus is None or math.isnan(corpus["wer"]) else corpus["wer"],
@@ -1011,7 +1166,8 @@ def _group_summary(rows: list[dict]) -> dict:
 
 def summarise(table, run: Optional[dict] = None, options: Optional[dict] = None) -> dict:
     """Per-dataset and overall statistics of a label table (see `read_labels`)."""
-    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text", "members"]
+    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text", "members",
+            "language", "task", "language_source"]
     rows = table.select(cols).to_pylist()
     by: dict[str, list[dict]] = {}
     for r in rows:

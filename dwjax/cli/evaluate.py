@@ -4,11 +4,21 @@
     dwjax evaluate --model builtin:whisper-base --assistant runs/student --data dev.tsv --max-samples 100
     dwjax evaluate --model runs/student --data dev.tsv --long-form chunked --noise white --snr 20,10,5,0,-5
     dwjax evaluate --config eval.yaml            # the same keys as the options (data: a list), CLI overrides
+    dwjax evaluate --model runs/student --teacher builtin:whisper-base --data de=demo/de/test.jsonl fr=...
+
+Languages: each row's manifest `language` says how it is scored (dwjax/text/languages.py: WER with the English
+normaliser for English, with OpenAI's basic normaliser for other languages, CER for languages written without
+spaces); a per-language table gives the error rate, BLEU (sacrebleu) for rows whose `task` is translate (their
+reference is an English translation), the model's language-ID accuracy against the manifest language and, with
+--teacher, its agreement with the teacher's detected language. --language detects by default; give a code to
+force it for every row, or `manifest` to force each row's own.
 
 Prints a markdown table; --output writes the full results (per file hypotheses too) as JSON for `dwjax report`.
 Progress goes to stderr (a bar per pass, in audio-s/s; --no-progress hides it).
 
-Bad inputs: each utterance whose audio cannot be used (missing, corrupt, truncated, empty, non-finite), and each
+Bad inputs: each utterance whose audio cannot be used (missing, corrupt, truncated, empty, non-finite) or whose
+reference is not in its language's script, the rows of each language the model cannot handle (unknown code, not
+in its vocabulary, non-English for an English-only model: one line per set and language), and each
 dataset that cannot be read when several are given, is named on stderr, one line each, and listed in the table
 and in the JSON's `failures` (set, id, audio, error; per set `failed`); everything else is still scored and
 written. Exit status: 0 when every input was scored; 1 when some input failed (the results of the good ones were
@@ -24,7 +34,7 @@ from pathlib import Path
 from dwjax.errors import ConfigError, UserError
 
 KEYS = ("model", "assistant", "data", "output", "long_form", "long_form_seconds", "chunk_length", "noise", "snr",
-        "batch_size", "max_samples", "dtype", "k", "seed", "language", "max_new_tokens")
+        "batch_size", "max_samples", "dtype", "k", "seed", "language", "task", "teacher", "max_new_tokens")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,7 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--k", type=int, help="speculative draft tokens per round (default 5)")
     p.add_argument("--seed", type=int, help="noise seed (default 0)")
-    p.add_argument("--language")
+    p.add_argument("--language", help="force a language (a code or name) for every row, or `manifest` to force "
+                                      "each row's manifest language; default: detect")
+    p.add_argument("--task", choices=["transcribe", "translate"],
+                   help="task of rows without a manifest `task` (default transcribe)")
+    p.add_argument("--teacher", metavar="MODEL",
+                   help="a multilingual model whose detected language per clip the model's is compared with")
     p.add_argument("--max-new-tokens", dest="max_new_tokens", type=int)
     p.add_argument("--no-progress", dest="no_progress", action="store_true", help="hide the progress bars")
     return p
@@ -93,7 +108,7 @@ def main(argv=None) -> int:
     from dwjax.evaluation import EvalOptions, evaluate, markdown_table
     opts = EvalOptions()
     for key in ("batch_size", "max_samples", "long_form", "long_form_seconds", "chunk_length", "noise", "seed",
-                "max_new_tokens", "language", "k"):
+                "max_new_tokens", "language", "task", "teacher", "k"):
         if conf.get(key) is not None:
             setattr(opts, key, conf[key])
     opts.snrs = tuple(conf["snr"])

@@ -1,10 +1,11 @@
-"""`dwjax make-demo-data`: synthesise a small English speech dataset with flite and espeak-ng."""
+"""`dwjax make-demo-data`: synthesise a small speech dataset with flite and espeak-ng (English, or several
+languages with --languages en,de,fr,es,it)."""
 from __future__ import annotations
 
 import argparse
 import os
 
-from dwjax.data.demo import DEFAULT_SPLITS, make_demo_data, parse_splits
+from dwjax.data.demo import DEFAULT_SPLITS, ESPEAK_LANGUAGE_VOICES, make_demo_data, parse_splits
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,6 +24,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="parallel synthesis processes (default: number of cores)")
     parser.add_argument("--splits", default=DEFAULT_SPLITS, help=f"split fractions (default {DEFAULT_SPLITS})")
+    parser.add_argument("--languages", default="en", metavar="L1,L2,...",
+                        help="languages to speak, about equal audio each (default en; also "
+                             f"{', '.join(sorted(ESPEAK_LANGUAGE_VOICES))}: espeak-ng voices, sentences written "
+                             "for the demo, and <split>.translate.jsonl manifests with English translations)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return parser
 
@@ -38,6 +43,7 @@ def main(argv: list[str]) -> int:
         workers=max(1, args.workers),
         splits=parse_splits(args.splits),
         progress=not args.no_progress,
+        languages=args.languages,
     )
     print("\n".join(summary.lines()))
     return 0

@@ -13,6 +13,15 @@ deterministic, a rerun skips the files that already exist, and a file is never r
 content. Files are written to a temporary name and renamed, so an interrupted run leaves no partial
 FLAC behind. The clip count is the shortest prefix of the clip stream whose audio reaches `hours`.
 Splits are made per sentence: every clip of one sentence lands in the same split.
+
+Several languages (`languages=("en", "de", "fr", ...)`, `dwjax make-demo-data --languages en,de,fr`): clip `i` is
+in language `languages[i % len(languages)]`, so every language gets about the same amount of audio. English clips
+are made as above; the others speak the sentences written for the purpose in `multilingual_sentences.tsv`
+(`dwjax.data.sentences.translated_sentences`, cycled with fresh voices and rates) with espeak-ng's voice for the
+language (ESPEAK_LANGUAGE_VOICES, with its male and female variants). Rows carry their `language`; those of other
+languages than English also carry `translation` (the sentence's English translation), and each split with such
+rows gets a second manifest `<split>.translate.jsonl` of the same clips with `task: translate` and the
+translation as `text` (for scoring translation, e.g. BLEU in `dwjax evaluate`).
 """
 from __future__ import annotations
 
@@ -34,15 +43,20 @@ import numpy as np
 import soundfile as sf
 
 from dwjax.data.manifest import write_manifest
-from dwjax.data.sentences import iter_sentences
+from dwjax.data.sentences import iter_sentences, translated_sentences
 from dwjax.errors import UserError
 
-__all__ = ["FLITE_VOICES", "ESPEAK_VOICES", "DemoSummary", "make_demo_data", "parse_splits", "check_tools"]
+__all__ = ["FLITE_VOICES", "ESPEAK_VOICES", "ESPEAK_LANGUAGE_VOICES", "DemoSummary", "make_demo_data", "parse_splits",
+           "parse_languages", "check_tools"]
 
 SAMPLE_RATE = 16_000
 FLITE_VOICES = ("kal", "awb", "rms", "slt", "kal16")
 # en-gb-scotland was left out: the teachers misheard it far more often than the others
 ESPEAK_VOICES = ("en-us", "en", "en-gb-x-rp", "en+f3", "en-us+m3", "en-us+f4", "en+f2")
+#: espeak-ng voices per language other than English: the language's voice with the m3 variant (the teacher heard it
+#: best: base, 4 sentences a language, WER de 61 / fr 81 / es 53 % vs 67-82 / 103-158 / 57-77 % with the plain voice at
+#: 130-160 wpm), twice as often as with the f3 variant
+ESPEAK_LANGUAGE_VOICES = {lang: (f"{lang}+m3", f"{lang}+m3", f"{lang}+f3") for lang in ("de", "fr", "es", "it")}
 TOOLS = ("flite", "espeak-ng", "sox")
 INSTALL_HINT = "apt-get install flite espeak-ng sox"
 DEFAULT_SPLITS = "train=0.9,validation=0.05,test=0.05"
@@ -88,6 +102,8 @@ class Clip:
     effect: str        # "clean" | "white" | "pink" | "reverb"
     amount: int        # SNR in dB for noise, reverberance (%) for reverb
     noise_seed: int
+    language: str = "en"
+    translation: str | None = None   # the English translation (clips of other languages)
 
     @property
     def voice_label(self) -> str:
@@ -103,15 +119,21 @@ class Clip:
 
     @property
     def clip_id(self) -> str:
-        recipe = json.dumps([self.text, self.engine, self.voice, self.rate, self.pitch, self.effect,
-                             self.amount, self.noise_seed, SAMPLE_RATE], ensure_ascii=False)
+        recipe = [self.text, self.engine, self.voice, self.rate, self.pitch, self.effect, self.amount,
+                  self.noise_seed, SAMPLE_RATE] + ([] if self.language == "en" else [self.language])
+        recipe = json.dumps(recipe, ensure_ascii=False)
         return f"{self.index:06d}-{hashlib.sha1(recipe.encode()).hexdigest()[:10]}"
 
 
-def plan_clip(index: int, text: str, seed: int, noise: bool) -> Clip:
+def plan_clip(index: int, text: str, seed: int, noise: bool, language: str = "en",
+              translation: str | None = None) -> Clip:
     rng = random.Random(f"dwjax-demo:{seed}:{index}")
     # flite is favoured: a Whisper teacher transcribes its voices best (espeak-ng WER ~3x higher)
-    if rng.random() < 0.65:
+    if language != "en":           # flite speaks English only
+        rng.random()
+        engine, voice = "espeak-ng", rng.choice(ESPEAK_LANGUAGE_VOICES[language])
+        rate, pitch = float(rng.randrange(135, 156, 5)), rng.randrange(40, 61, 5)
+    elif rng.random() < 0.65:
         engine, voice = "flite", rng.choice(FLITE_VOICES)
         rate, pitch = round(rng.uniform(0.9, 1.2), 2), 0
     else:
@@ -126,7 +148,7 @@ def plan_clip(index: int, text: str, seed: int, noise: bool) -> Clip:
             effect, amount = "pink", rng.randint(10, 30)
         elif roll < 0.55:
             effect, amount = "reverb", rng.randrange(30, 90, 10)
-    return Clip(index, text, engine, voice, rate, pitch, effect, amount, rng.getrandbits(32))
+    return Clip(index, text, engine, voice, rate, pitch, effect, amount, rng.getrandbits(32), language, translation)
 
 
 def _run(cmd: list[str]) -> None:
@@ -221,6 +243,7 @@ class DemoSummary:
     clips: dict[str, int] = field(default_factory=dict)
     hours: dict[str, float] = field(default_factory=dict)
     synthesised: int = 0   # clips written by this run (the rest already existed)
+    translate: dict[str, int] = field(default_factory=dict)   # rows of <split>.translate.jsonl
     seconds: float = 0.0   # wall time
 
     def lines(self) -> list[str]:
@@ -228,7 +251,29 @@ class DemoSummary:
         out = [f"{self.output}: {total_clips} clips, {total_hours:.3f} h "
                f"({self.synthesised} synthesised, {total_clips - self.synthesised} already there) in {self.seconds:.1f} s"]
         out += [f"  {name + '.jsonl':<18} {self.clips[name]:>6} clips  {self.hours[name]:8.3f} h" for name in self.clips]
+        out += [f"  {name + '.translate.jsonl':<18} {n:>6} clips  (task translate, English references)"
+                for name, n in self.translate.items()]
         return out
+
+
+def parse_languages(languages: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    """'en,de,fr' (or a sequence) -> ("en", "de", "fr"): Whisper codes (names accepted) that have demo voices and
+    sentences; UserError naming the ones that do not."""
+    from dwjax.text.tokenizer import resolve_language
+    items = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
+    out = []
+    for item in items:
+        if not item:
+            continue
+        code = resolve_language(item)
+        if code != "en" and code not in ESPEAK_LANGUAGE_VOICES:
+            raise UserError(f"no demo voices and sentences for language {item!r} ({code}); --languages takes "
+                            f"en, {', '.join(sorted(ESPEAK_LANGUAGE_VOICES))}")
+        if code not in out:
+            out.append(code)
+    if not out:
+        raise UserError("--languages names no language")
+    return tuple(out)
 
 
 def _read_text_file(path: str | os.PathLike) -> list[str]:
@@ -252,11 +297,15 @@ def make_demo_data(
     workers: int | None = None,
     splits: str | dict[str, float] = DEFAULT_SPLITS,
     progress: bool = True,
+    languages: tuple[str, ...] | list[str] = ("en",),
 ) -> DemoSummary:
     """Synthesise about `hours` of speech into `output` (see the module docstring)."""
     check_tools()
     if not hours > 0:
         raise UserError(f"--hours must be > 0, got {hours}")
+    languages = parse_languages(languages)
+    if text_file is not None and languages != ("en",):
+        raise UserError("--text speaks English sentences; it cannot be combined with --languages")
     fractions = parse_splits(splits) if isinstance(splits, str) else dict(splits)
     workers = max(1, workers or os.cpu_count() or 1)
     output = Path(output)
@@ -268,14 +317,24 @@ def make_demo_data(
 
     if text_file is not None:
         lines = _read_text_file(text_file)
-        text_at = lambda i: lines[i % len(lines)]  # noqa: E731 - cycles with fresh voices when exhausted
+        english_at = lambda i: lines[i % len(lines)]  # noqa: E731 - cycles with fresh voices when exhausted
     else:
         stream, cache = iter_sentences(seed), []
 
-        def text_at(i: int) -> str:
+        def english_at(i: int) -> str:
             while len(cache) <= i:
                 cache.append(next(stream))
             return cache[i]
+    translated = {lang: translated_sentences(lang) for lang in languages if lang != "en"}
+
+    def plan(i: int) -> Clip:
+        """Clip i of the stream: its language cycles through `languages`; the k-th clip of a language speaks
+        that language's k-th sentence (English: the k-th of the English stream)."""
+        language, k = languages[i % len(languages)], i // len(languages)
+        if language == "en":
+            return plan_clip(i, english_at(k if len(languages) > 1 else i), seed, noise)
+        sentence, english = translated[language][k % len(translated[language])]
+        return plan_clip(i, sentence, seed, noise, language, english)
 
     target_s = hours * 3600.0
     started = time.perf_counter()
@@ -297,7 +356,7 @@ def make_demo_data(
             average = total_s / len(durations) if durations else _FIRST_GUESS_S
             batch = max(workers, math.ceil((target_s - total_s) / max(average, 0.5) * 1.05))
             start = len(clips)
-            new = [plan_clip(i, text_at(i), seed, noise) for i in range(start, start + batch)]
+            new = [plan(i) for i in range(start, start + batch)]
             jobs = [(clip, str(audio_dir / f"{clip.clip_id}.flac")) for clip in new]
             already = {path for _, path in jobs if os.path.exists(path)}
             if pool is None:
@@ -331,11 +390,16 @@ def make_demo_data(
         rows = [
             {"id": clip.clip_id, "audio": f"audio/{clip.clip_id}.flac", "text": clip.text,
              "duration_s": round(duration, 4), "voice": clip.voice_label, "effect": clip.effect_label,
-             "language": "en"}
+             "language": clip.language, **({"translation": clip.translation} if clip.translation else {})}
             for clip, duration in zip(clips, durations) if assignment[clip.text] == name
         ]
         write_manifest(output / f"{name}.jsonl", rows)
         summary.clips[name] = len(rows)
         summary.hours[name] = sum(row["duration_s"] for row in rows) / 3600.0
+        translate = [{**{k: v for k, v in row.items() if k != "translation"}, "text": row["translation"],
+                      "task": "translate"} for row in rows if row.get("translation")]
+        if translate:
+            write_manifest(output / f"{name}.translate.jsonl", translate)
+            summary.translate[name] = len(translate)
     summary.synthesised = len(clips) - existing
     return summary

@@ -14,6 +14,10 @@ Rows. A per-clip row (`audio` a path or bytes) is its clip padded to 30 s. A pac
 `speech_s` of a row is its clip's length, or the sum of its members' durations (the gaps are not speech).
 
 Labels. A sequence is [<|startofprev|> prev...] + SOT [lang task] [<|notimestamps|>] + teacher tokens + EOT.
+For a multilingual teacher, `lang` and `task` are the row's own: the `language` and `task` columns the labeller
+wrote (the language it was given or detected, transcribe / translate), unless the training set's config names a
+`language` or `task` for all its rows (`read_labelled(language=..., task=...)`); rows of labels made before the
+`task` column existed are transcriptions. English-only teachers have neither token.
 decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT (the
 previous-text prompt, the forced tokens and the padding are masked). Labels with timestamps keep them with
 probability `timestamp_probability`; otherwise they are stripped and <|notimestamps|> is forced. A per-clip label
@@ -71,10 +75,11 @@ class LabelledSet:
     speech_s: list = None  # per row: seconds of speech (None: unknown until the audio is decoded)
     datasets: list = None  # per row: the `dataset` column (None when absent)
     durations: list = None  # per row: the `duration_s` column (None when absent)
+    task: list = None      # per row: "transcribe" / "translate" (None: transcribe)
 
     def __post_init__(self):
         n = len(self.ids)
-        for f in ("members", "plain", "speech_s", "datasets", "durations"):
+        for f in ("members", "plain", "speech_s", "datasets", "durations", "task"):
             if getattr(self, f) is None:
                 setattr(self, f, [None] * n)
         if self.prev is None:
@@ -96,13 +101,20 @@ class LabelledSet:
 
 
 def read_labelled(name: str, path: str, rule: LabelFilter | float | None = LabelFilter(), weight: float = 1.0,
-                  max_label_length: int = 448, tokenizer=None) -> tuple[LabelledSet, dict]:
+                  max_label_length: int = 448, tokenizer=None, language: Optional[str] = None,
+                  task: Optional[str] = None) -> tuple[LabelledSet, dict]:
     """Reads a pseudo-label directory (or parquet file) and filters its labels (`dwjax/data/label_filter.py`: the
     WER filter on rows with a reference, the teacher's confidence on rows without). `rule` is a LabelFilter, or
     a WER threshold in % (None = off) with the default confidence filter. Returns the set and the counts of
     `label_filter.new_counts` (kept, and dropped by reason) for the report. Packed rows need `tokenizer` (their
-    plain-text form, module docstring); without one they are stripped of timestamp tokens like clips."""
+    plain-text form, module docstring); without one they are stripped of timestamp tokens like clips.
+    `language` / `task`: the prompt's language and task for every row of the set (None: each row's own)."""
     import json
+    if task is not None and task not in ("transcribe", "translate"):
+        raise UserError(f"data.train {name}: task must be transcribe or translate, not {task!r}")
+    if language is not None:
+        from dwjax.text.tokenizer import resolve_language
+        language = resolve_language(language)
     if not isinstance(rule, LabelFilter):
         rule = LabelFilter(wer_threshold=rule)
     files = _label_files(path)
@@ -110,7 +122,7 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     table.sort(key=lambda r: str(r["id"]))
     counts = new_counts()
     counts["total"] = len(table)
-    ids, audio, tokens, langs, members, plain, speech, dsets, durs = [], [], [], [], [], [], [], [], []
+    ids, audio, tokens, langs, members, plain, speech, dsets, durs, tasks = [], [], [], [], [], [], [], [], [], []
     windows: dict = {}          # (dataset, source, language) -> [(first member id, last member id, row index)]
     for row in table:
         reason = judge(row, rule, counts)
@@ -129,7 +141,8 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
         ids.append(str(row["id"]))
         audio.append(None if mem else (row.get("audio_bytes") or row["audio"]))
         tokens.append(toks)
-        langs.append(row.get("language"))
+        langs.append(language or row.get("language"))
+        tasks.append(task or row.get("task") or "transcribe")
         members.append(mem)
         dsets.append(row.get("dataset"))
         durs.append(row.get("duration_s"))
@@ -153,7 +166,8 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     if not ids:
         raise UserError(f"{path}: no training examples left after the label filters "
                         f"({format_counts(name, counts, rule)})")
-    return LabelledSet(name, ids, audio, tokens, langs, weight, members, plain, prev, speech, dsets, durs), counts
+    return LabelledSet(name, ids, audio, tokens, langs, weight, members, plain, prev, speech, dsets, durs,
+                       tasks), counts
 
 
 def _plain_tokens(tok, tokens: list[int]) -> list[int]:
@@ -254,18 +268,20 @@ class LabelEncoder:
         self.p_prev = prev_context_probability
 
     def encode(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
-               plain: Optional[list[int]] = None, prev: Optional[list[int]] = None) -> tuple[list[int], int]:
+               plain: Optional[list[int]] = None, prev: Optional[list[int]] = None,
+               task: Optional[str] = None) -> tuple[list[int], int]:
         """(the full sequence, cut to length + 1 tokens, and its prompt length). `plain`: the label's form without
         timestamps (None: drop its timestamp tokens); `prev`: the previous window's plain tokens (None: no
-        previous window). The generator draws once for timestamps (when the label has some), then once for the
-        prompt (when there is a previous window and prev_context_probability > 0)."""
+        previous window); `task`: the row's task (None: the encoder's). The generator draws once for timestamps
+        (when the label has some), then once for the prompt (when there is a previous window and
+        prev_context_probability > 0)."""
         tb = self.tok.timestamp_begin
         has_ts = any(t >= tb for t in tokens)
         use_ts = has_ts and rng.random() < self.p_ts
         if not use_ts:
             tokens = list(plain) if plain is not None and has_ts else [t for t in tokens if t < tb]
         lang = (language or "en") if self.tok.is_multilingual else None
-        prompt = self.tok.sot_sequence(lang, self.task if self.tok.is_multilingual else None, use_ts)
+        prompt = self.tok.sot_sequence(lang, (task or self.task) if self.tok.is_multilingual else None, use_ts)
         if prev is not None and self.p_prev > 0 and rng.random() < self.p_prev:
             room = min(MAX_PREV_TOKENS, self.length + 1 - len(prompt) - len(tokens) - 1 - 1)
             if room > 0 and prev:
@@ -287,8 +303,8 @@ class LabelEncoder:
         return inp, lab, mask
 
     def __call__(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
-                 plain: Optional[list[int]] = None, prev: Optional[list[int]] = None):
-        inp, lab, mask = self.pad([self.encode(tokens, language, rng, plain, prev)])
+                 plain: Optional[list[int]] = None, prev: Optional[list[int]] = None, task: Optional[str] = None):
+        inp, lab, mask = self.pad([self.encode(tokens, language, rng, plain, prev, task)])
         return inp[0], lab[0], mask[0]
 
 
@@ -349,7 +365,7 @@ class TrainBatches:
                                            np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]),
                                            s.plain[i], (s.plain[p] if s.plain[p] is not None else
                                                         [t for t in s.tokens[p] if t < self.enc.tok.timestamp_begin])
-                                           if p >= 0 else None))
+                                           if p >= 0 else None, s.task[i]))
         length = bucket_length(max(len(seq) - 1 for seq, _ in encoded), self.enc.length, self.bucket)
         inp, lab, mask = self.enc.pad(encoded, length)
         return {"decoder_input_ids": inp, "labels": lab, "loss_mask": mask,

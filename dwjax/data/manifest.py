@@ -5,8 +5,9 @@
 
 `spec` is a path, optionally prefixed with a dataset name: `name=path`. The path may be
   * a JSONL, CSV or TSV manifest with columns `id`, `audio` (a path, relative to the manifest file
-    unless absolute), and optionally `text`, `language`, `duration_s`, `speaker` (a speaker / source key: packing
-    never puts two speakers in one window);
+    unless absolute), and optionally `text`, `language` (a Whisper code or name), `task` ("transcribe", or
+    "translate" when `text` is an English translation of the speech), `duration_s`, `speaker` (a speaker / source
+    key: packing never puts two speakers in one window);
   * a directory written by `datasets.Dataset.save_to_disk` (read with pyarrow, so nothing is decoded
     and neither `datasets` nor torch is needed);
   * a parquet or arrow file, or a directory of them. The audio column is either the struct
@@ -37,6 +38,8 @@ ID_COLUMNS = ("id", "key", "utt_id", "segment_id")
 AUDIO_COLUMNS = ("audio", "path", "file", "audio_filepath", "audio_path")
 TEXT_COLUMNS = ("text", "sentence", "transcription", "transcript", "normalized_text")
 LANGUAGE_COLUMNS = ("language", "lang", "locale")
+TASK_COLUMNS = ("task",)
+TASKS = ("transcribe", "translate")
 DURATION_COLUMNS = ("duration_s", "duration")
 SPEAKER_COLUMNS = ("speaker", "speaker_id", "source", "client_id")
 TEXT_SUFFIXES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl", ".csv": "csv", ".tsv": "tsv"}
@@ -55,6 +58,7 @@ class Example:
     duration_s: float | None = None
     encoding_errors: bool = False  # the row held bytes that were not UTF-8 (replaced by U+FFFD)
     speaker: str | None = None     # speaker / source key, when the manifest has one
+    task: str | None = None        # "transcribe" / "translate" when the manifest says; None: the run's task
 
 
 def parse_spec(spec: str | os.PathLike) -> tuple[str, Path]:
@@ -110,7 +114,7 @@ def write_manifest(path: str | os.PathLike, rows: Iterable[Mapping[str, Any] | E
             if row.audio_path is None:
                 raise UserError(f"example {row.id!r} holds audio bytes, which a JSONL manifest cannot store")
             audio = os.path.relpath(os.path.abspath(row.audio_path), os.path.abspath(path.parent))
-            row = {"id": row.id, "audio": audio, "text": row.text, "language": row.language,
+            row = {"id": row.id, "audio": audio, "text": row.text, "language": row.language, "task": row.task,
                    "duration_s": row.duration_s, "speaker": row.speaker}
             row = {k: v for k, v in row.items() if v is not None}
         lines.append(json.dumps(dict(row), ensure_ascii=False))
@@ -163,6 +167,15 @@ def _as_speaker(value: Any) -> str | None:
     return None if value is None or str(value).strip() == "" else str(value).strip()
 
 
+def _as_task(value: Any, where: str) -> str | None:
+    if value is None or str(value).strip() == "":
+        return None
+    task = str(value).strip().lower()
+    if task not in TASKS:
+        raise UserError(f"{where}: task {value!r} is neither transcribe nor translate")
+    return task
+
+
 def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str, bad: bool,
                       keys: dict[str, str | None]) -> Example:
     id_ = row.get(keys["id"]) if keys["id"] else None
@@ -174,6 +187,7 @@ def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str,
     text = row.get(keys["text"]) if keys["text"] else None
     language = row.get(keys["language"]) if keys["language"] else None
     speaker = row.get(keys["speaker"]) if keys["speaker"] else None
+    task = _as_task(row.get(keys["task"]), where) if keys["task"] else None
     return Example(
         id=str(id_).strip(),
         audio_path=_resolve(str(audio).strip(), base),
@@ -183,6 +197,7 @@ def _example_from_row(row: Mapping[str, Any], where: str, base: Path, name: str,
         duration_s=_as_float(row.get(keys["duration"])) if keys["duration"] else None,
         encoding_errors=bad,
         speaker=_as_speaker(speaker),
+        task=task,
     )
 
 
@@ -194,6 +209,7 @@ def _column_keys(columns: Iterable[str], path: Path, require_id: bool = True) ->
         "audio": _first_key(present, AUDIO_COLUMNS),
         "text": _first_key(present, TEXT_COLUMNS),
         "language": _first_key(present, LANGUAGE_COLUMNS),
+        "task": _first_key(present, TASK_COLUMNS),
         "duration": _first_key(present, DURATION_COLUMNS),
         "speaker": _first_key(present, SPEAKER_COLUMNS),
     }
@@ -335,6 +351,7 @@ def _read_tables(files: list[Path], base: Path, name: str) -> list[Example]:
                     dataset=name,
                     duration_s=_as_float(row.get(keys["duration"])) if keys["duration"] else None,
                     speaker=_as_speaker(row.get(keys["speaker"])) if keys["speaker"] else None,
+                    task=_as_task(row.get(keys["task"]), where) if keys["task"] else None,
                 ))
                 row_number += 1
     if not examples:

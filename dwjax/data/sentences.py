@@ -9,13 +9,21 @@ a demo set of many hours repeats almost nothing.
     generate_sentences(count, seed) -> list[str]   # unique, prefix-stable for a given seed
     iter_sentences(seed)            -> Iterator[str]  # the same stream, unbounded
     number_to_words(n)              -> str            # 342 -> "three hundred and forty two"
+    translated_sentences(language)  -> list[(sentence, English translation)]   # de, fr, es, it
+
+Other languages: `multilingual_sentences.tsv` beside this module holds a few dozen sentences per language,
+written for the demo (everyday words, as the English ones), each with an English translation (the references of
+the translate sets).
 """
 from __future__ import annotations
 
+import functools
 import random
+from pathlib import Path
 from typing import Callable, Iterator
 
-__all__ = ["generate_sentences", "iter_sentences", "make_sentence", "number_to_words"]
+__all__ = ["generate_sentences", "iter_sentences", "make_sentence", "number_to_words", "translated_sentences",
+           "sentence_languages"]
 
 NAMES = (
     "Anna", "Ben", "Carla", "David", "Emma", "Frank", "Grace", "Henry", "Isabel", "Jack", "Kate",
@@ -386,3 +394,31 @@ def generate_sentences(count: int, seed: int = 0) -> list[str]:
         raise ValueError(f"count must be >= 0, got {count}")
     stream = iter_sentences(seed)
     return [next(stream) for _ in range(count)]
+
+
+_TRANSLATED = Path(__file__).with_name("multilingual_sentences.tsv")
+
+
+@functools.lru_cache(maxsize=1)
+def _translated() -> dict[str, list[tuple[str, str]]]:
+    out: dict[str, list[tuple[str, str]]] = {}
+    for line in _TRANSLATED.read_text(encoding="utf-8").splitlines():
+        if line.strip() and not line.startswith("#"):
+            language, sentence, english = line.split("\t")
+            out.setdefault(language, []).append((sentence, english))
+    return out
+
+
+def sentence_languages() -> list[str]:
+    """The languages other than English that `translated_sentences` has sentences for."""
+    return sorted(_translated())
+
+
+def translated_sentences(language: str) -> list[tuple[str, str]]:
+    """(sentence, English translation) of every sentence written for `language` (a Whisper code)."""
+    table = _translated()
+    if language not in table:
+        from dwjax.errors import UserError
+        raise UserError(f"no demo sentences for language {language!r}; there are sentences for en and "
+                        f"{', '.join(sorted(table))}")
+    return list(table[language])

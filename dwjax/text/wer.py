@@ -103,3 +103,53 @@ def repeated_ngrams(text: str, n: int = 5, normalize: bool | Normalizer = False)
         return 0
     counts = Counter(tuple(words[k : k + n]) for k in range(len(words) - n + 1))
     return sum(c - 1 for c in counts.values())
+
+
+def char_error_rates(references: str | Sequence[str], hypotheses: str | Sequence[str],
+                     normalize: bool | Normalizer = True) -> dict:
+    """Corpus-level character error rate of ``hypotheses`` against ``references`` (same length, paired).
+
+    For languages written without spaces between words (see :mod:`dwjax.text.languages`). Both sides are
+    normalised (``normalize`` as in :func:`error_rates`; callers pass the basic normaliser) and then *all
+    whitespace is removed*: the spaces a normaliser leaves where punctuation was are not characters of the
+    language, and a hypothesis should not be charged for them. jiwer aligns the characters of each pair.
+    ``cer = (S + D + I) / N`` with N the number of reference characters over all pairs; pairs whose
+    normalised reference is empty are left out and counted (``n_empty_refs``, ``empty_ref_hyp_chars``).
+    """
+    refs, hyps = _as_list(references), _as_list(hypotheses)
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    norm = _normalizer(normalize)
+    kept_r: list[str] = []
+    kept_h: list[str] = []
+    n_empty = 0
+    empty_hyp_chars = 0
+    for r, h in zip(refs, hyps):
+        r = "".join(norm(r).split())
+        h = "".join(norm(h).split())
+        if not r:
+            n_empty += 1
+            empty_hyp_chars += len(h)
+            continue
+        kept_r.append(r)
+        kept_h.append(h)
+    s = d = i = hits = 0
+    if kept_r:
+        out = jiwer.process_characters(kept_r, kept_h)
+        s, d, i, hits = out.substitutions, out.deletions, out.insertions, out.hits
+    n = s + d + hits
+    rate = (lambda x: x / n) if n else (lambda x: math.nan)
+    return {
+        "cer": rate(s + d + i),
+        "ser": rate(s),
+        "der": rate(d),
+        "ier": rate(i),
+        "substitutions": s,
+        "deletions": d,
+        "insertions": i,
+        "hits": hits,
+        "n_ref_chars": n,
+        "n_pairs": len(kept_r),
+        "n_empty_refs": n_empty,
+        "empty_ref_hyp_chars": empty_hyp_chars,
+    }
