@@ -1210,6 +1210,13 @@ def format_summary(summary: dict) -> str:
         lines.append(f"packed: {o['packed_clips']} clips in {o['windows']} windows (one row each; 'hours' counts "
                      "clip audio, not gaps)" + (f"; {run.get('token_limit_splits', 0)} windows split at the token "
                      f"budget, {run.get('token_limit_truncated', 0)} single clips reached it" if run else ""))
+    for name, s in summary["datasets"].items():
+        langs = s.get("languages") or {}
+        if any(not key.startswith("en/") or not key.endswith("/transcribe") for key in langs):
+            lines.append(f"{name} by language/task: " + "; ".join(
+                f"{key} {v['ok']} ok" + (f", {(v['metric'] or 'wer').upper()} {_pct(v['corpus'])} %"
+                                         if v["corpus"] is not None else "")
+                + (f" ({v['detected']} detected)" if v["detected"] else "") for key, v in langs.items()))
     if o.get("no_speech"):
         lines.append(f"no-speech rows (no label, not failures): {o['no_speech']}")
     if o["failures"]:

@@ -401,3 +401,26 @@ def test_evaluate_bad_languages_one_line_each_rest_scored(speech, tmp_path, caps
         assert main(["evaluate", "--model", EN_ONLY, "--data", f"e={manifest}", *args, "--no-progress"]) == 1
         err = capsys.readouterr().err
         assert message in err and len(_errors(err, "dwjax evaluate: error:")) == 1
+
+
+def test_label_summary_per_language_and_task():
+    import pyarrow as pa
+
+    from dwjax.pseudo_label import SCHEMA, format_summary, summarise
+    cases = [("de", "transcribe", "Der Hund schläft.", "der hund schlaeft", "manifest"),
+             ("de", "transcribe", "Die Katze.", "die katze", "detected"),
+             ("ja", "transcribe", "今日は、晴れです。", "今日は雨です", "manifest"),
+             ("de", "translate", "The dog sleeps.", "the dog sleeps", "manifest")]
+    rows = []
+    for k, (lang, task, ref, hyp, source) in enumerate(cases):
+        row = {f.name: None for f in SCHEMA}
+        row.update(id=f"r{k}", dataset="d", status="ok", language=lang, task=task, reference=ref, text=hyp,
+                   wer=0.0, duration_s=1.0, reference_encoding_errors=False, language_source=source)
+        rows.append(row)
+    summary = summarise(pa.Table.from_pylist(rows, schema=SCHEMA))
+    langs = summary["datasets"]["d"]["languages"]
+    assert langs["de/transcribe"] == {"ok": 2, "metric": "wer", "corpus": pytest.approx(1 / 5), "detected": 1}
+    assert langs["ja/transcribe"]["metric"] == "cer" and langs["ja/transcribe"]["corpus"] == pytest.approx(2 / 7)
+    assert langs["de/translate"]["corpus"] == 0.0
+    assert "d by language/task: de/transcribe 2 ok, WER 20.0 % (1 detected); de/translate 1 ok, WER 0.0 %; " \
+           "ja/transcribe 1 ok, CER 28.6 %" in format_summary(summary)
