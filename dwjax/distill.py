@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 
 import jax
@@ -35,6 +34,7 @@ from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_lab
 from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.metrics import MetricsWriter
+from dwjax.training_eval import TeacherForced, evaluate_wer, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
 CPU_PEAK_FLOPS = 140e9     # this project's reference CPU (2 cores, fp32); set DWJAX_PEAK_FLOPS for others
@@ -84,28 +84,6 @@ class Features:
 def _log(msg: str) -> None:
     if mesh_lib.is_main_process():
         tqdm.write(msg)
-
-
-def _evaluate_wer(student: LoadedModel, teacher: LoadedModel, eval_sets, max_samples, batch_size,
-                  with_teacher: bool) -> dict:
-    """Greedy transcripts of each evaluation set -> WER of the student (and the teacher, once)."""
-    from dwjax.audio import load_audio
-    from dwjax.data.manifest import read_dataset
-    from dwjax.decoding.transcribe import Transcriber
-    from dwjax.text.wer import wer
-    out = {}
-    models = {"student": student} | ({"teacher": teacher} if with_teacher else {})
-    for es in eval_sets:
-        rows = [e for e in read_dataset(f"{es.name}={es.path}") if e.text][: max_samples or None]
-        audio = [load_audio(e.audio_path) for e in rows]
-        refs = [e.text for e in rows]
-        for who, model in models.items():
-            tr = Transcriber(model, batch_size=batch_size)
-            t0 = time.time()
-            hyps = [r.text for r in tr.transcribe(audio)]
-            out[f"{es.name}/{who}_wer"] = 100 * wer(refs, hyps)
-            out[f"{es.name}/{who}_seconds"] = time.time() - t0
-    return out
 
 
 def _host(tree):
@@ -369,11 +347,18 @@ def run(cfg: Config, *, devices=None) -> dict:
         params = _host(state.params)
         return dataclasses.replace(student, params=params)
 
+    teacher_forced = (TeacherForced(cfg.data.eval, tok, teacher.cfg.n_mels, cfg.train.max_eval_samples,
+                                    cfg.train.eval_batch_size * n_dev, steps, cfg.data.max_label_length,
+                                    jax.process_index(), n_proc) if cfg.data.eval else None)
+
     def evaluate(step: int, with_teacher: bool) -> dict:
+        """WER of greedy generation (the student, and the teacher when asked) and the teacher-forced KL at T = 1
+        and CE on every evaluation set (dwjax/training_eval.py)."""
         if not cfg.data.eval:
             return {}
-        results = _evaluate_wer(current_student(), teacher, cfg.data.eval, cfg.train.max_eval_samples,
-                                cfg.train.eval_batch_size, with_teacher)
+        results = teacher_forced(state.params, teacher_params)
+        results.update(evaluate_wer(current_student(), teacher, cfg.data.eval, cfg.train.max_eval_samples,
+                                    cfg.train.eval_batch_size, with_teacher))
         logs.write(step, results, prefix="eval/")
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results
@@ -420,10 +405,12 @@ def run(cfg: Config, *, devices=None) -> dict:
                     summary["last_loss"] = m["loss"]
                     t_last, n_steps, flops_since, speech_since = time.time(), 0, 0.0, 0.0
                 stop = ckpt_lib.should_stop(step)
-                if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total:
-                    last_eval = evaluate(step, with_teacher=not last_eval)
+                evaluated = {}
+                if cfg.data.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total):
+                    evaluated = last_eval = evaluate(step, with_teacher=not last_eval or step == total)
+                # only a step evaluated now carries a WER (a later step must not inherit an earlier step's rank)
                 checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed, "global_batch": global_batch},
-                                  metrics={"wer": _mean_wer(last_eval)} if last_eval else None,
+                                  metrics={"wer": mean_student_wer(evaluated)} if evaluated else None,
                                   force=stop or step == total)
                 progress.poll()
                 if stop:
@@ -441,8 +428,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         batches.close()
 
     if step >= total:
-        final = evaluate(step, with_teacher=True)
-        summary["eval"] = final
+        summary["eval"] = last_eval if start_step < total else evaluate(step, with_teacher=True)
         final_params = _host(state.params)            # every process (a collective under multi-process FSDP)
         if mesh_lib.is_main_process():
             final_dir = os.path.join(out_dir, "student")
@@ -502,8 +488,3 @@ def _local_rows(x) -> np.ndarray:
         start = sh.index[0].start or 0
         shards.setdefault(start, sh)
     return np.concatenate([np.asarray(shards[k].data) for k in sorted(shards)])
-
-
-def _mean_wer(results: dict) -> float:
-    vals = [v for k, v in results.items() if k.endswith("student_wer")]
-    return float(np.mean(vals)) if vals else float("nan")
