@@ -11,7 +11,7 @@ trailing `:xla` sets DWJAX_ATTENTION=xla (einsum attention instead of cuDNN's fu
                     device with L label positions, bf16 compute, fp32 master weights and AdamW state, layers scanned.
                     Step time is the median of --steps steps after a warm-up; MFU = analytic FLOPs (teacher
                     encoder + teacher decoder forward + student decoder forward and backward, matmuls and attention)
-                    / step time / the device's dense bf16 peak (`dwjax.distill.peak_flops`).
+                    / step time / the device's dense bf16 peak (`dwjax.flops.peak_flops`).
   label:SHAPE:B:N   the pseudo-labeller's step (`dwjax.pseudo_label.label_step`: log-mel of 30 s of audio, encoder,
                     greedy decode) on B windows per device, bf16, random weights. Random weights rarely emit the
                     end-of-text token, so it is suppressed and every row decodes exactly N tokens: a 30 s window
@@ -69,7 +69,7 @@ def run_train(shape: str, batch: int, length: int, steps: int) -> dict:
     from bench_train_step import analytic_flops, make_batch
 
     from dwjax.config import Config, override
-    from dwjax.distill import peak_flops
+    from dwjax.flops import peak_flops
     from dwjax.mesh import make_mesh
     from dwjax.models.student import make_student
     from dwjax.models.whisper import count_params, init_params

@@ -87,7 +87,8 @@ def make_sets(clips, tok):
 def run_mode(name, sets, steps_lib, cfg, teacher, student, tok, args, cache=None, bucket=0,
              p_ts=0.0, p_prev=0.0):
     from dwjax.data.loader import LabelEncoder, TrainBatches, label_length
-    from dwjax.distill import Features, decoder_flops_per_token, encoder_flops
+    from dwjax.distill import Features
+    from dwjax.flops import train_step_flops
     length = label_length(sets, 448, prev_context_probability=p_prev)
     enc = LabelEncoder(tok, length, p_ts, prev_context_probability=p_prev)
     batches = TrainBatches(sets, enc, args.batch, seed=0, workers=2, label_bucket=bucket, encoder_cache=cache)
@@ -114,9 +115,7 @@ def run_mode(name, sets, steps_lib, cfg, teacher, student, tok, args, cache=None
             timed.append(dt)
             lengths.append(n_pos)
             speech += local["audio_seconds"]
-            flops += args.batch * (n_pos * (decoder_flops_per_token(student.cfg, True)
-                                            + decoder_flops_per_token(teacher.cfg, False))
-                                   + (0.0 if cache is not None else encoder_flops(teacher.cfg)))
+            flops += train_step_flops(teacher.cfg, student.cfg, args.batch, n_pos, with_encoder=cache is None)[1]
             print(f"  {name}: step {step} {dt:.2f} s, {n_pos} positions, {local['audio_seconds']:.1f} speech-s, "
                   f"loss {float(m['loss']):.3f}", flush=True)
             if len(timed) >= args.steps:

@@ -20,7 +20,7 @@ import numpy as np
 from _progress import echo, progress, tick
 from dwjax.decoding.generate import Generator
 from dwjax.decoding.rules import DecodeSpec
-from dwjax.distill import decoder_flops_per_token
+from dwjax.flops import decoder_flops_per_token
 from dwjax.models.configs import official
 from dwjax.models.whisper import Whisper, init_params
 

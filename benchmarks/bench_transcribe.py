@@ -77,7 +77,7 @@ def main() -> None:
 
     from dwjax.audio import load_audio
     from dwjax.decoding.transcribe import Transcriber
-    from dwjax.distill import encoder_flops, peak_flops
+    from dwjax.flops import encoder_flops, peak_flops
     from dwjax.text.wer import wer
     from dwjax.weights.loading import load_model
 

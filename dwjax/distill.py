@@ -33,40 +33,10 @@ from dwjax.config import Config, to_dict, to_yaml, validate_for_devices
 from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
 from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
+from dwjax.flops import peak_flops, train_step_flops
 from dwjax.metrics import MetricsWriter
 from dwjax.training_eval import TeacherForced, evaluate_wer, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
-
-CPU_PEAK_FLOPS = 140e9     # this project's reference CPU (2 cores, fp32); set DWJAX_PEAK_FLOPS for others
-
-
-def peak_flops(devices=None) -> float:
-    if "DWJAX_PEAK_FLOPS" in os.environ:
-        return float(os.environ["DWJAX_PEAK_FLOPS"])
-    devices = list(jax.devices() if devices is None else devices)
-    kind = devices[0].device_kind.lower()
-    table = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v4": 275e12, "v5e": 197e12, "v5p": 459e12,
-             "v6e": 918e12}
-    for key, value in table.items():
-        if key in kind:
-            return value * len(devices)
-    return CPU_PEAK_FLOPS
-
-
-def decoder_flops_per_token(cfg, with_backward: bool) -> float:
-    """Matmul FLOPs per label token of one decoder forward (x3 with backward): self/cross attention projections,
-    MLP, vocabulary projection (the cross keys/values over the encoder are counted per sequence elsewhere)."""
-    d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.decoder_layers, cfg.vocab_size
-    per_layer = 2 * (4 * d * d + 2 * d * d + 2 * d * f)
-    fwd = L * per_layer + 2 * d * V
-    return fwd * (3 if with_backward else 1)
-
-
-def encoder_flops(cfg) -> float:
-    d, f, L, T = cfg.d_model, cfg.ffn_dim, cfg.encoder_layers, cfg.n_audio_ctx
-    conv = 2 * 3 * (cfg.n_mels * d * 2 * T + d * d * T)
-    return conv + L * (2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d)
-
 
 class Features:
     """Log-mel features of a global batch, computed where the batch lives: each device its own rows (jitted once),
@@ -336,9 +306,7 @@ def run(cfg: Config, *, devices=None) -> dict:
     total = cfg.optim.total_steps
     def flops_of(n_positions: int) -> float:
         """Analytic FLOPs of a step whose labels are padded to n_positions (no encoder with the cache)."""
-        return global_batch * (n_positions * (decoder_flops_per_token(student.cfg, True)
-                                              + decoder_flops_per_token(teacher.cfg, False))
-                               + (0.0 if cache is not None else encoder_flops(teacher.cfg)))
+        return train_step_flops(teacher.cfg, student.cfg, global_batch, n_positions, with_encoder=cache is None)[1]
     peak = peak_flops(devices)
     lengths_seen: set[int] = set()
     flops_since = 0.0
@@ -369,7 +337,7 @@ def run(cfg: Config, *, devices=None) -> dict:
                dynamic_ncols=True)
     progress = _Progress(bar, global_batch, audio_scale=n_proc)
     step = start_step
-    t_last, toks, samples, n_steps = time.time(), 0.0, 0, 0
+    t_last, n_steps = time.time(), 0
     speech_since = 0.0
     try:
         if step < total:

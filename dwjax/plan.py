@@ -27,7 +27,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +35,7 @@ from jax.sharding import PartitionSpec as P
 
 from dwjax.config import MESH_AXES, Config, override, validate_for_devices
 from dwjax.errors import ConfigError
+from dwjax.flops import generate_flops, train_step_flops
 from dwjax.models.configs import OFFICIAL, WhisperConfig, official
 
 GiB = 1024 ** 3
@@ -197,32 +198,6 @@ def _abstract(tree, shardings):
 # ----------------------------------------------------------------------------------------------------- flops
 
 
-def _analytic_train(teacher: WhisperConfig, student: WhisperConfig, examples: int, length: int) -> tuple[float, float]:
-    from dwjax.distill import decoder_flops_per_token, encoder_flops
-    from dwjax.train_step import shares_encoder
-    base = examples * (length * (decoder_flops_per_token(student, True) + decoder_flops_per_token(teacher, False))
-                       + encoder_flops(teacher))
-    extra_student_encoder = 0.0 if shares_encoder(student, teacher) else examples * encoder_flops(student)
-
-    def attention(cfg, passes_scores, passes_kv):
-        d, te = cfg.d_model, cfg.n_audio_ctx
-        scores = 2 * 2 * length * length * d + 2 * 2 * length * te * d       # self + cross: QK^T and AV
-        kv = 2 * 2 * te * d * d                                               # cross keys and values of the encoder
-        return cfg.decoder_layers * (passes_scores * scores + passes_kv * kv)
-
-    full = base + extra_student_encoder + examples * (attention(teacher, 1, 1) + attention(student, 3, 2))
-    return float(base), float(full)
-
-
-def _analytic_generate(cfg: WhisperConfig, examples: int, prompt: int, new_tokens: int) -> tuple[float, float]:
-    from dwjax.distill import decoder_flops_per_token, encoder_flops
-    tokens = prompt + new_tokens
-    base = examples * (encoder_flops(cfg) + tokens * decoder_flops_per_token(cfg, False))
-    d, te = cfg.d_model, cfg.n_audio_ctx
-    per_seq = cfg.decoder_layers * (2 * 2 * te * d * d + 2 * 2 * tokens * te * d + 2 * 2 * tokens * tokens / 2 * d)
-    return float(base), float(base + examples * per_seq)
-
-
 def _flops(cost) -> float:
     if isinstance(cost, (list, tuple)):
         cost = cost[0] if cost else {}
@@ -273,7 +248,7 @@ def _train_plan(cfg: Config, mesh, teacher_cfg, student_cfg, length: int, compil
         micro = s2._train.lower(s2.abstract_state(), teacher_args(s2, flat.model),
                                 batch_args(s2, rows // k))
         flops_global = _flops(micro.cost_analysis()) * k
-    base, full = _analytic_train(teacher_cfg, student_cfg, rows, length)
+    base, full = train_step_flops(teacher_cfg, student_cfg, rows, length)
     return StepPlan("train step", Memory.of(compiled), resident, cfg.train.per_device_batch_size, t1 - t0, t2 - t1,
                     _flops(compiled.cost_analysis()), flops_global, base, full, full, notes)
 
@@ -325,8 +300,8 @@ def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops
     if count_flops:
         j2, a2 = build(False)
         flops_global = _flops(j2.lower(*a2).cost_analysis()) * n  # shard_map: the body is one device's program
-    base, full = _analytic_generate(teacher_cfg, b, p, max_new)
-    _, once = _analytic_generate(teacher_cfg, b, p, 1)
+    base, full = generate_flops(teacher_cfg, b, p, max_new)
+    _, once = generate_flops(teacher_cfg, b, p, 1)
     return StepPlan("generate step (teacher, pseudo-labelling)", Memory.of(compiled), resident,
                     cfg.train.eval_batch_size, t1 - t0, t2 - t1, _flops(compiled.cost_analysis()), flops_global,
                     base, full, once, notes)
