@@ -89,6 +89,26 @@ def test_greedy_matches_transformers_random(case, timestamps):
         assert all(t >= case.spec.timestamp_begin for t in out.tokens[:, 0])
 
 
+@pytest.mark.parametrize("timestamps", [False, True], ids=["notimestamps", "timestamps"])
+def test_bucketed_cache_matches_full_cache_and_transformers(case, timestamps):
+    """decode_loop grows its self-attention cache through buckets; tiny buckets (from 4 positions, doubling, crossed within
+    MAX_NEW tokens) give transformers' tokens, and the full cache's tokens and log-probabilities."""
+    import jax
+
+    from dwjax.decoding.generate import cache_buckets, decode_loop
+    prompt = jnp.asarray(np.broadcast_to(case.prompt(timestamps), (3, len(case.prompt(timestamps)))))
+    spec = case.spec_for(timestamps)
+    assert len(cache_buckets(prompt.shape[1], MAX_NEW, 4)) >= 2   # the loop grows its cache at least once
+    run = jax.jit(lambda params, enc, first: decode_loop(case.model, spec, params, enc, prompt, MAX_NEW,
+                                                         first_bucket=first), static_argnums=2)
+    bucketed, full = (jax.device_get(run(case.gen.params, case.enc, first)) for first in (4, 0))
+    np.testing.assert_array_equal(bucketed["tokens"], full["tokens"])
+    np.testing.assert_array_equal(bucketed["lengths"], full["lengths"])
+    np.testing.assert_allclose(bucketed["sum_logprob"], full["sum_logprob"], rtol=1e-6, atol=1e-6)
+    ref = H.hf_generate(case.hf, case.mel, spec, case.cfg.vocab_size, MAX_NEW, timestamps)
+    assert [row[:n].tolist() for row, n in zip(bucketed["tokens"], bucketed["lengths"])] == ref
+
+
 def test_beam1_equals_greedy(en_case):
     c = en_case
     greedy = c.gen.generate(c.enc, c.prompt(False), max_new_tokens=MAX_NEW)
