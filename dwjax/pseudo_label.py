@@ -88,6 +88,7 @@ import pyarrow.parquet as pq
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, SILENCE_PEAK, is_silent, load_audio, load_audio_bytes
 from dwjax.data.manifest import Example, read_dataset
+from dwjax.data.packing import DEFAULT_PACK_S
 from dwjax.errors import AudioError, ConfigError, UserError
 
 __all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
@@ -157,7 +158,7 @@ class LabelOptions:
     progress: bool = True
     pack: bool = False                  # label packed windows of consecutive clips (dwjax.data.packing); timestamps
     pack_gap_s: float = 0.5             # silence between packed clips (dwjax.data.packing.DEFAULT_GAP_S)
-    pack_max_s: float = 30.0            # longest packed window (<= 30 s)
+    pack_max_s: float = DEFAULT_PACK_S  # longest packed window (<= 30 s; dwjax/data/packing.py says why 24)
 
     def fixed(self) -> dict:
         return {k: getattr(self, k) for k in _FIXED_OPTIONS}

@@ -32,6 +32,7 @@ import argparse
 import sys
 
 from dwjax.config import add_config_args
+from dwjax.data.packing import DEFAULT_PACK_S
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -55,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="label packed windows of consecutive clips, with timestamps (one row per window)")
     p.add_argument("--pack-gap", type=float, default=0.5, metavar="S",
                    help="seconds of silence between packed clips (default: 0.5)")
-    p.add_argument("--pack-max", type=float, default=30.0, metavar="S",
-                   help="longest packed window in seconds, at most 30 (default: 30)")
+    p.add_argument("--pack-max", type=float, default=DEFAULT_PACK_S, metavar="S",
+                   help=f"longest packed window in seconds, at most 30 (default: {DEFAULT_PACK_S:g}: the teacher "
+                        "drops the last utterances of windows filled to 30 s; dwjax/data/packing.py)")
     p.add_argument("--commit-every", type=int, default=8, metavar="N",
                    help="write a part file every N global batches (what an interruption can lose)")
     p.add_argument("--workers", type=int, default=None,

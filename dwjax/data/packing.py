@@ -34,11 +34,16 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_GAP_S", "MAX_WINDOW_S", "Utterance", "Member", "Window", "Packing", "pack", "window_id",
+__all__ = ["DEFAULT_GAP_S", "DEFAULT_PACK_S", "MAX_WINDOW_S", "Utterance", "Member", "Window", "Packing", "pack", "window_id",
            "window_audio", "members_json", "members_from_json"]
 
 DEFAULT_GAP_S = 0.5
 MAX_WINDOW_S = 30.0            # Whisper's input window
+#: the longest window `dwjax pseudo-label --pack` packs by default. Whisper learned that speech running to the end of
+#: its 30 s window continues in the next one, so near a full window it ends early, after a timestamp, and the last
+#: utterances get no text. Measured (tiny.en, 300 kathleen clips): windows of <= 30 s -> label WER 11.5 % against the
+#: joined references, 42 % of windows within the 10 % filter; <= 24 s -> 3.5 % (per clip: ~4 %), 100 % kept.
+DEFAULT_PACK_S = 24.0
 SAMPLE_RATE = 16000
 
 
