@@ -7,7 +7,8 @@ Where a run starts from (`resolve_start`), first match wins:
     2. checkpoint.init_from      a run directory, its checkpoints/ directory, or one step directory
                                  (parameters only; optimizer, step and data order start afresh)
     3. converted weights         model.student, the directory `dwjax init-student` wrote
-    4. fresh init                random parameters from run.seed
+    4. none of these             "fresh": `resolve_start` reports it, and `dwjax distill` refuses it with one
+                                 line (a student starts from `dwjax init-student`, never from random weights)
 
 Layout of a checkpoint directory (one sub-directory per step; orbax writes it, we add `dwjax_manifest.json`):
 
