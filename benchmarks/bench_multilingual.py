@@ -13,9 +13,10 @@ Steps (each a `dwjax` command, printed before it runs; a rerun into the same --o
   3. init-student                   teacher encoder + 2 of its 6 decoder layers
   4. distill                        STEPS steps on both label sets (each row's language and task in its prompt),
                                     labels with a WER over --wer-threshold (default 80 %) dropped
-  5. evaluate                       teacher and student on each language's test clips (language detected, as a
-                                    user would run it; the student's detection compared with the teacher's) and on
-                                    the translate test clips (BLEU)
+  5. evaluate --language manifest   teacher and student on each language's test clips, decoded with the clip's
+                                    language (as it was labelled); language ID measured apart (each model's own
+                                    detection; the student's compared with the teacher's), and on the translate
+                                    test clips (BLEU)
 Writes OUT/results.json and OUT/results.md (the table the README's "Multilingual" section shows).
 """
 from __future__ import annotations
@@ -128,18 +129,19 @@ def main(argv=None) -> int:
             f"data.wer_threshold={args.wer_threshold}",
             f"train.encoder_cache={out / 'encoder-cache'}"], log)
     student = str(out / "distill" / "student")
-    per_language = split_by_language(data / "test.jsonl", out)
+    per_language = split_by_language(data / "test.jsonl", data)    # beside it: its audio paths are relative
     eval_sets = [f"{lang}={path}" for lang, path in per_language.items()]
     results = {}
     for who, model, extra in (("teacher", TEACHER, []), ("student", student, ["--teacher", TEACHER])):
         path = out / f"eval-{who}.json"
         times[f"evaluate-{who}"] = run(["evaluate", "--model", model, "--data", *eval_sets, *extra,
-                                        "--output", str(path), "--no-progress"], log, ok_codes=(0, 1))
+                                        "--language", "manifest", "--output", str(path), "--no-progress"],
+                                       log, ok_codes=(0, 1))
         results[who] = json.loads(path.read_text())
         if translate:
             path = out / f"eval-{who}-translate.json"
             run(["evaluate", "--model", model, "--data", f"translate={data / 'test.translate.jsonl'}",
-                 "--output", str(path), "--no-progress"], log, ok_codes=(0, 1))
+                 "--language", "manifest", "--output", str(path), "--no-progress"], log, ok_codes=(0, 1))
             results[f"{who}-translate"] = json.loads(path.read_text())
     md = table(results["teacher"], results["student"], results.get("teacher-translate", {}),
                results.get("student-translate", {}))
