@@ -228,7 +228,9 @@ def test_training_prompt_keeps_each_rows_language_and_task(tmp_path):
         inp = labels["decoder_input_ids"][r].tolist()
         assert inp[:4] == want, (s.ids[i], inp[:6])
         assert inp[4: 4 + len(s.tokens[i])] == s.tokens[i]
-        assert labels["loss_mask"][r][:3].sum() == 0 and labels["loss_mask"][r][3] == 1    # prompt masked
+        # SOT -> language is trained (language detection); task and <|notimestamps|> (forced) are masked
+        assert labels["labels"][r][0] == L[s.language[i]] and labels["loss_mask"][r][0] == 1
+        assert labels["loss_mask"][r][1:3].sum() == 0 and labels["loss_mask"][r][3] == 1
     # a set's config language / task override every row's
     s2, _ = read_labelled("d", path, rule=None, language="Spanish", task="translate")
     assert (set(s2.language), set(s2.task)) == ({"es"}, {"translate"})

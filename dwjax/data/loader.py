@@ -18,8 +18,10 @@ For a multilingual teacher, `lang` and `task` are the row's own: the `language` 
 wrote (the language it was given or detected, transcribe / translate), unless the training set's config names a
 `language` or `task` for all its rows (`read_labelled(language=..., task=...)`); rows of labels made before the
 `task` column existed are transcriptions. English-only teachers have neither token.
-decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT (the
-previous-text prompt, the forced tokens and the padding are masked). Labels with timestamps keep them with
+decoder_input_ids = seq[:-1], labels = seq[1:], loss_mask = 1 where the label is a teacher token or EOT, and, for a
+multilingual teacher, where it is the language token (SOT predicts it, as in Whisper's and distil-whisper's training:
+the student learns to detect the language, from the teacher's distribution through the KL); the previous-text
+prompt, the task and <|notimestamps|> tokens (forced at inference) and the padding are masked. Labels with timestamps keep them with
 probability `timestamp_probability`; otherwise they are stripped and <|notimestamps|> is forced. A per-clip label
 is stripped by dropping its timestamp tokens (as before); a packed label holds several segments, so its plain form
 is its segments' texts, each stripped, joined with one space and tokenised again (" " + text): the same tokens the
@@ -295,11 +297,15 @@ class LabelEncoder:
         inp = np.full((len(encoded), length), self.tok.eot, np.int32)
         lab = np.full((len(encoded), length), self.tok.eot, np.int32)
         mask = np.zeros((len(encoded), length), np.float32)
+        languages = set(self.tok.languages.values()) if self.tok.is_multilingual else set()
         for r, (seq, n_prompt) in enumerate(encoded):
             n = len(seq) - 1
             inp[r, :n] = seq[:-1]
             lab[r, :n] = seq[1:]
             mask[r, n_prompt - 1: n] = 1.0
+            sot = seq.index(self.tok.sot)
+            if sot + 1 < n_prompt and seq[sot + 1] in languages:
+                mask[r, sot] = 1.0            # SOT -> the language token: language detection is trained
         return inp, lab, mask
 
     def __call__(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
