@@ -413,20 +413,20 @@ class _Teacher:
 
         from dwjax.mesh import BATCH_AXES
         rows = P(BATCH_AXES)
-        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows), out_specs=rows,
+        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows, rows), out_specs=rows,
                              check_vma=False)
-        self._step = jax.jit(step, in_shardings=(self.replicated, self.batch_sharding, self.batch_sharding,
-                                                 self.batch_sharding), out_shardings=self.batch_sharding)
+        self._step = jax.jit(step, in_shardings=(self.replicated,) + (self.batch_sharding,) * 4,
+                             out_shardings=self.batch_sharding)
         self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
 
     def _mel_impl(self, audio):
         from dwjax.audio import log_mel_spectrogram
         return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
 
-    def _step_impl(self, params, mel, lang, task):
+    def _step_impl(self, params, mel, lang, task, active):
         lang_ids = tuple(self.tok.languages.values()) if self.multilingual else None
         return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang,
-                          task if self.multilingual else None)
+                          task if self.multilingual else None, active)
 
     def language_id(self, e: Example) -> int | str:
         """The forced language token of a row (-1: detect), or a failure status when the row's language cannot
@@ -471,9 +471,10 @@ class _Teacher:
         return problem if problem is not None else lid
 
     def run(self, local_audio: np.ndarray, local_lang: np.ndarray, global_b: int,
-            local_task: Optional[np.ndarray] = None):
+            local_task: Optional[np.ndarray] = None, local_active: Optional[np.ndarray] = None):
         """Global arrays from this process's rows, one step, this process's rows of the results (numpy).
-        `local_task`: each row's task token (default: the run's task)."""
+        `local_task`: each row's task token (default: the run's task). `local_active`: False for padding rows
+        (not encoded, decoded as done: their results are meaningless); default all True."""
         import jax
         s = self.batch_sharding
         if local_task is None:
@@ -481,25 +482,28 @@ class _Teacher:
         audio = jax.make_array_from_process_local_data(s, local_audio, (global_b, N_SAMPLES))
         lang = jax.make_array_from_process_local_data(s, local_lang, (global_b,))
         task = jax.make_array_from_process_local_data(s, local_task, (global_b,))
-        out = self._step(self.params, self._mel(audio), lang, task)
+        if local_active is None:
+            local_active = np.ones(local_lang.shape, bool)
+        active = jax.make_array_from_process_local_data(s, np.asarray(local_active, bool), (global_b,))
+        out = self._step(self.params, self._mel(audio), lang, task, active)
         return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
 
 
-def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None):
+def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None, active=None):
     """One device's rows: encoder, language detection (multilingual teachers, rows with lang < 0), greedy decode.
 
     `template` is the prompt; for multilingual teachers position 1 holds the language token, filled per row from
     `lang` (>= 0: forced) or the detected language, and position 2 the task token, per row from `task` when
     given. Outputs also `language` (the token used) and `language_probability` (the teacher's probability of it
     among the language tokens). Pure: the pseudo-labeller runs it under shard_map; the accelerator benchmark
-    times the same function."""
+    times the same function. `active` (b,) bool: False for padding rows (not encoded, decoded as done)."""
     import jax
     import jax.numpy as jnp
 
     from dwjax.decoding.generate import decode_loop
     from dwjax.models.whisper import encode_batch
     b = mel.shape[0]
-    enc = encode_batch(model, params, mel)
+    enc = encode_batch(model, params, mel, active)
     prompt = jnp.broadcast_to(jnp.asarray(template, jnp.int32), (b, len(template)))
     if language_ids is not None:
         ids = jnp.asarray(language_ids, jnp.int32)
@@ -513,7 +517,7 @@ def label_step(model, spec, template, language_ids, max_new: int, params, mel, l
         prompt = prompt.at[:, 1].set(lang)
         if task is not None:
             prompt = prompt.at[:, 2].set(jnp.asarray(task, jnp.int32))
-    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0)
+    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0, active=active)
     out["language"] = lang
     if language_ids is not None:
         out["language_probability"] = lang_prob
@@ -944,7 +948,9 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                     task_ids[i] = teacher.task_id(Example(id="", task=task))
             rows: list[dict] = []
             if any(a is not None for a, _ in loaded) or n_proc > 1:
-                out = teacher.run(audio, lang, global_b, task_ids)
+                active = np.zeros((n_local,), bool)          # padding and unreadable rows: not encoded
+                active[: len(loaded)] = [a is not None for a, _ in loaded]
+                out = teacher.run(audio, lang, global_b, task_ids, active)
             for i, ((dataset, lid, w, task), (a, err)) in enumerate(zip(mine, loaded)):
                 if a is None:
                     e = Example(id=w.id, dataset=dataset, text=w.reference)
