@@ -87,11 +87,12 @@ class Attention(nn.Module):
         return self.out(attend(self._scaled_query(x), k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
 
     def cached(self, x, k_cache, v_cache, cache_mask, k_new, v_new, new_mask):
-        """Attention over a KV cache plus the new tokens' own keys/values, without writing the cache first.
+        """Attention over a KV cache plus the new tokens' own keys/values.
 
-        k_cache/v_cache (b, h, S, hd) with cache_mask (b, 1, 1, S) marking the positions already written;
-        k_new/v_new (b, h, t, hd) with new_mask (1, 1, t, t) causal. One softmax over both parts, so the result
-        equals attention over the written cache; the caller writes the new keys/values once for all layers."""
+        k_cache/v_cache (b, h, S, hd) with cache_mask (b, 1, 1, S) marking the positions written before this
+        call; k_new/v_new (b, h, t, hd) with new_mask (1, 1, t, t) causal. One softmax over both parts, so the
+        result equals attention over the written cache. The caller may already have written k_new/v_new into
+        the cache (`DecoderLayer` does, so the write is in place): cache_mask hides those positions."""
         q = self._scaled_query(x).transpose(0, 2, 1, 3)
         neg = jnp.finfo(jnp.float32).min
         s_cache = jnp.einsum("bhtd,bhsd->bhts", q, k_cache.astype(self.dtype)).astype(jnp.float32)
