@@ -139,9 +139,26 @@ def _is_orbax_read_noise(unraisable) -> bool:
     return "orbax" in filename or "tensorstore" in filename
 
 
+class _QuietOrbaxReadTasks(logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned read tasks of a failed restore
+    (logged when the task is collected, with a traceback; the restore itself already raised and was reported)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not str(record.msg).startswith("Task exception was never retrieved"):
+            return True
+        future = getattr(record, "future", None) or (record.args.get("future") if isinstance(record.args, dict)
+                                                    else None)
+        text = f"{record.getMessage()} {future!r}"
+        return not ("orbax" in text or "tensorstore" in text or "TensorStore" in text)
+
+
 def _silence_orbax_read_noise() -> None:
-    """Install (once) an unraisable hook dropping `_is_orbax_read_noise`; everything else goes to the old hook."""
+    """Install (once) an unraisable hook dropping `_is_orbax_read_noise` (everything else goes to the old hook) and
+    a filter on the asyncio logger dropping orbax's abandoned read tasks."""
     import sys
+    asyncio_log = logging.getLogger("asyncio")
+    if not any(isinstance(f, _QuietOrbaxReadTasks) for f in asyncio_log.filters):
+        asyncio_log.addFilter(_QuietOrbaxReadTasks())
     previous = sys.unraisablehook
     if getattr(previous, "_dwjax_filter", False):
         return
