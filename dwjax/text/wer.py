@@ -32,6 +32,35 @@ def _normalizer(normalize: bool | Normalizer) -> Normalizer:
     return normalize_english if normalize else (lambda s: s)
 
 
+def _align(references, hypotheses, normalize, joiner: str, process, hyp_size) -> dict:
+    """The shared count of `error_rates` (words: joiner " ", jiwer.process_words) and `char_error_rates`
+    (characters: joiner "", all whitespace removed): normalise each pair, set aside pairs whose reference is empty
+    (counting them and their hypothesis' size), align the rest with jiwer in one call."""
+    refs, hyps = _as_list(references), _as_list(hypotheses)
+    if len(refs) != len(hyps):
+        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
+    norm = _normalizer(normalize)
+    kept_r: list[str] = []
+    kept_h: list[str] = []
+    n_empty = empty_hyp = 0
+    for r, h in zip(refs, hyps):
+        r = joiner.join(norm(r).split())
+        h = joiner.join(norm(h).split())
+        if not r:
+            n_empty += 1
+            empty_hyp += hyp_size(h)
+            continue
+        kept_r.append(r)
+        kept_h.append(h)
+    s = d = i = hits = 0
+    if kept_r:
+        out = process(kept_r, kept_h)
+        s, d, i, hits = out.substitutions, out.deletions, out.insertions, out.hits
+    n = s + d + hits
+    return {"s": s, "d": d, "i": i, "hits": hits, "n": n, "n_pairs": len(kept_r), "n_empty": n_empty,
+            "empty_hyp": empty_hyp, "rate": (lambda x: x / n) if n else (lambda x: math.nan)}
+
+
 def error_rates(references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool | Normalizer = True) -> dict:
     """Corpus-level error rates of ``hypotheses`` against ``references`` (same length, paired).
 
@@ -43,43 +72,11 @@ def error_rates(references: str | Sequence[str], hypotheses: str | Sequence[str]
     ``n_pairs`` (pairs scored), ``n_empty_refs`` and ``empty_ref_hyp_words`` (see the module
     docstring).
     """
-    refs, hyps = _as_list(references), _as_list(hypotheses)
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    norm = _normalizer(normalize)
-    kept_r: list[str] = []
-    kept_h: list[str] = []
-    n_empty = 0
-    empty_hyp_words = 0
-    for r, h in zip(refs, hyps):
-        r = " ".join(norm(r).split())
-        h = " ".join(norm(h).split())
-        if not r:
-            n_empty += 1
-            empty_hyp_words += len(h.split())
-            continue
-        kept_r.append(r)
-        kept_h.append(h)
-    s = d = i = hits = 0
-    if kept_r:
-        out = jiwer.process_words(kept_r, kept_h)
-        s, d, i, hits = out.substitutions, out.deletions, out.insertions, out.hits
-    n = s + d + hits
-    rate = (lambda x: x / n) if n else (lambda x: math.nan)
-    return {
-        "wer": rate(s + d + i),
-        "ser": rate(s),
-        "der": rate(d),
-        "ier": rate(i),
-        "substitutions": s,
-        "deletions": d,
-        "insertions": i,
-        "hits": hits,
-        "n_ref_words": n,
-        "n_pairs": len(kept_r),
-        "n_empty_refs": n_empty,
-        "empty_ref_hyp_words": empty_hyp_words,
-    }
+    c = _align(references, hypotheses, normalize, " ", jiwer.process_words, lambda h: len(h.split()))
+    return {"wer": c["rate"](c["s"] + c["d"] + c["i"]), "ser": c["rate"](c["s"]), "der": c["rate"](c["d"]),
+            "ier": c["rate"](c["i"]), "substitutions": c["s"], "deletions": c["d"], "insertions": c["i"],
+            "hits": c["hits"], "n_ref_words": c["n"], "n_pairs": c["n_pairs"], "n_empty_refs": c["n_empty"],
+            "empty_ref_hyp_words": c["empty_hyp"]}
 
 
 def wer(references: str | Sequence[str], hypotheses: str | Sequence[str], normalize: bool | Normalizer = True) -> float:
@@ -116,40 +113,8 @@ def char_error_rates(references: str | Sequence[str], hypotheses: str | Sequence
     ``cer = (S + D + I) / N`` with N the number of reference characters over all pairs; pairs whose
     normalised reference is empty are left out and counted (``n_empty_refs``, ``empty_ref_hyp_chars``).
     """
-    refs, hyps = _as_list(references), _as_list(hypotheses)
-    if len(refs) != len(hyps):
-        raise ValueError(f"{len(refs)} references but {len(hyps)} hypotheses")
-    norm = _normalizer(normalize)
-    kept_r: list[str] = []
-    kept_h: list[str] = []
-    n_empty = 0
-    empty_hyp_chars = 0
-    for r, h in zip(refs, hyps):
-        r = "".join(norm(r).split())
-        h = "".join(norm(h).split())
-        if not r:
-            n_empty += 1
-            empty_hyp_chars += len(h)
-            continue
-        kept_r.append(r)
-        kept_h.append(h)
-    s = d = i = hits = 0
-    if kept_r:
-        out = jiwer.process_characters(kept_r, kept_h)
-        s, d, i, hits = out.substitutions, out.deletions, out.insertions, out.hits
-    n = s + d + hits
-    rate = (lambda x: x / n) if n else (lambda x: math.nan)
-    return {
-        "cer": rate(s + d + i),
-        "ser": rate(s),
-        "der": rate(d),
-        "ier": rate(i),
-        "substitutions": s,
-        "deletions": d,
-        "insertions": i,
-        "hits": hits,
-        "n_ref_chars": n,
-        "n_pairs": len(kept_r),
-        "n_empty_refs": n_empty,
-        "empty_ref_hyp_chars": empty_hyp_chars,
-    }
+    c = _align(references, hypotheses, normalize, "", jiwer.process_characters, len)
+    return {"cer": c["rate"](c["s"] + c["d"] + c["i"]), "ser": c["rate"](c["s"]), "der": c["rate"](c["d"]),
+            "ier": c["rate"](c["i"]), "substitutions": c["s"], "deletions": c["d"], "insertions": c["i"],
+            "hits": c["hits"], "n_ref_chars": c["n"], "n_pairs": c["n_pairs"], "n_empty_refs": c["n_empty"],
+            "empty_ref_hyp_chars": c["empty_hyp"]}
