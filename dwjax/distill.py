@@ -35,7 +35,7 @@ from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.flops import peak_flops, train_step_flops
 from dwjax.metrics import MetricsWriter
-from dwjax.training_eval import TeacherForced, evaluate_wer, mean_student_wer
+from dwjax.training_eval import TeacherForced, evaluate_wer, load_eval_sets, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
 class Features:
@@ -315,9 +315,9 @@ def run(cfg: Config, *, devices=None) -> dict:
         params = _host(state.params)
         return dataclasses.replace(student, params=params)
 
-    teacher_forced = (TeacherForced(cfg.data.eval, tok, teacher.cfg.n_mels, cfg.train.max_eval_samples,
-                                    cfg.train.eval_batch_size * n_dev, steps, cfg.data.max_label_length,
-                                    jax.process_index(), n_proc) if cfg.data.eval else None)
+    eval_sets = load_eval_sets(cfg.data.eval, cfg.train.max_eval_samples)     # read once for the whole run
+    teacher_forced = TeacherForced(eval_sets, tok, teacher.cfg.n_mels, cfg.train.eval_batch_size * n_dev, steps,
+                                   cfg.data.max_label_length, jax.process_index(), n_proc)
 
     def evaluate(step: int, with_teacher: bool) -> dict:
         """WER of greedy generation (the student, and the teacher when asked) and the teacher-forced KL at T = 1
@@ -325,8 +325,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         if not cfg.data.eval:
             return {}
         results = teacher_forced(state.params, teacher_params)
-        results.update(evaluate_wer(current_student(), teacher, cfg.data.eval, cfg.train.max_eval_samples,
-                                    cfg.train.eval_batch_size, with_teacher))
+        results.update(evaluate_wer(current_student(), teacher, eval_sets, cfg.train.eval_batch_size, with_teacher))
         logs.write(step, results, prefix="eval/")
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results

@@ -20,38 +20,47 @@ from dwjax.data.manifest import read_dataset
 from dwjax.text.wer import wer
 
 
-def _reference_rows(es, max_samples):
-    return [e for e in read_dataset(f"{es.name}={es.path}") if e.text and e.text.strip()][: max_samples or None]
-
-
 def _audio(e) -> np.ndarray:
     """16 kHz audio of an example held as a path or as bytes (a saved `datasets` set, parquet with audio)."""
     return load_audio(e.audio_path) if e.audio_path else load_audio_bytes(e.audio_bytes, name=e.id)
 
 
-def evaluate_wer(student, teacher, eval_sets, max_samples, batch_size, with_teacher: bool) -> dict:
+@dataclass
+class EvalSet:
+    """One evaluation set's rows that have a reference, with their audio, read once for the whole run."""
+    name: str
+    rows: list                   # dwjax.data.manifest.Example
+    audio: list                  # 16 kHz float32 audio per row
+
+
+def load_eval_sets(eval_sets, max_samples) -> list[EvalSet]:
+    """`data.eval` -> EvalSets: the first `max_samples` rows with a reference text of each (None: all)."""
+    out = []
+    for es in eval_sets:
+        rows = [e for e in read_dataset(f"{es.name}={es.path}") if e.text and e.text.strip()][: max_samples or None]
+        out.append(EvalSet(es.name, rows, [_audio(e) for e in rows]))
+    return out
+
+
+def evaluate_wer(student, teacher, sets: list[EvalSet], batch_size, with_teacher: bool) -> dict:
     """Greedy transcripts of each evaluation set -> {"SET/student_wer", "SET/student_seconds"} (percent, seconds),
     and the teacher's too when `with_teacher`."""
     from dwjax.decoding.transcribe import Transcriber
     out = {}
     models = {"student": student} | ({"teacher": teacher} if with_teacher else {})
-    for es in eval_sets:
-        rows = _reference_rows(es, max_samples)
-        audio = [_audio(e) for e in rows]
-        refs = [e.text for e in rows]
+    for es in sets:
+        refs = [e.text for e in es.rows]
         for who, model in models.items():
             tr = Transcriber(model, batch_size=batch_size)
             t0 = time.time()
-            hyps = [r.text for r in tr.transcribe(audio)]
+            hyps = [r.text for r in tr.transcribe(es.audio)]
             out[f"{es.name}/{who}_wer"] = 100 * wer(refs, hyps)
             out[f"{es.name}/{who}_seconds"] = time.time() - t0
     return out
 
 
 @dataclass
-class _Set:
-    name: str
-    audio: list                  # n clips of 16 kHz float32 audio (padded or trimmed to 30 s per batch)
+class _Tokens:
     seqs: np.ndarray             # (n, T + 1) int32: prompt + reference tokens + EOT, EOT-padded
     prompt_lengths: np.ndarray   # (n,)
     lengths: np.ndarray          # (n,)
@@ -64,41 +73,36 @@ class TeacherForced:
     batches of `global_batch` rows (the last one padded with masked rows) and returns {"SET/kl", "SET/ce",
     "SET/tokens"}. Multi-process: every process reads the sets and feeds its own rows of each global batch."""
 
-    def __init__(self, eval_sets, tokenizer, n_mels: int, max_samples, global_batch: int, steps, max_tokens: int,
+    def __init__(self, sets: list[EvalSet], tokenizer, n_mels: int, global_batch: int, steps, max_tokens: int,
                  process_index: int = 0, process_count: int = 1):
         from dwjax.data.loader import bucket_length
         from dwjax.losses import make_decoder_batch
-        self.steps, self.n_mels, self.make = steps, n_mels, make_decoder_batch
+        self.steps, self.make = steps, make_decoder_batch
         self.global_batch, self.proc, self.n_proc = global_batch, process_index, process_count
-        self.sets = []
-        prompt = tokenizer.sot_sequence("en" if tokenizer.is_multilingual else None,
-                                        "transcribe" if tokenizer.is_multilingual else None, False)
-        for es in eval_sets:
-            rows = _reference_rows(es, max_samples)
-            if not rows:
-                continue
-            seqs = []
-            for e in rows:
-                p = prompt
-                if tokenizer.is_multilingual and e.language:
-                    p = tokenizer.sot_sequence(e.language, e.task or "transcribe", False)
+        self.sets = [es for es in sets if es.rows]
+        self.tokens = []
+        for es in self.sets:
+            seqs, prompt_lengths = [], []
+            for e in es.rows:
+                if tokenizer.is_multilingual:
+                    p = tokenizer.sot_sequence(e.language or "en", e.task or "transcribe", False)
+                else:
+                    p = tokenizer.sot_sequence(None, None, False)
                 seqs.append((p + tokenizer.encode(" " + e.text.strip()) + [tokenizer.eot])[: max_tokens + 1])
-                seqs[-1] = (seqs[-1], len(p))
-            width = bucket_length(max(len(s) for s, _ in seqs), max_tokens + 1, 16)
-            arr = np.full((len(seqs), width), tokenizer.eot, np.int32)
-            for i, (s, _) in enumerate(seqs):
-                arr[i, :len(s)] = s
-            audio = [_audio(e) for e in rows]
-            self.sets.append(_Set(es.name, audio, arr, np.array([n for _, n in seqs]),
-                                  np.array([len(s) for s, _ in seqs])))
+                prompt_lengths.append(len(p))
+            arr = np.full((len(seqs), bucket_length(max(map(len, seqs)), max_tokens + 1, 16)), tokenizer.eot,
+                          np.int32)
+            for i, seq in enumerate(seqs):
+                arr[i, :len(seq)] = seq
+            self.tokens.append(_Tokens(arr, np.array(prompt_lengths), np.array([len(q) for q in seqs])))
         self._mel = jax.jit(lambda a: log_mel_spectrogram(a, n_mels=n_mels), in_shardings=steps.batch_sharding,
                             out_shardings=steps.batch_sharding)
 
     def __call__(self, student_params, teacher_params) -> dict:
         out = {}
         g, local = self.global_batch, self.global_batch // self.n_proc
-        for s in self.sets:
-            n = len(s.seqs)
+        for s, t in zip(self.sets, self.tokens):
+            n = len(t.seqs)
             pad = (-n) % g
             idx = np.concatenate([np.arange(n), np.zeros(pad, np.int64)])
             valid = np.concatenate([np.ones(n, bool), np.zeros(pad, bool)])
@@ -106,7 +110,7 @@ class TeacherForced:
             for b in range(0, n + pad, g):
                 rows = idx[b + self.proc * local: b + (self.proc + 1) * local]
                 keep = valid[b + self.proc * local: b + (self.proc + 1) * local]
-                dec = self.make(s.seqs[rows], s.prompt_lengths[rows], s.lengths[rows])
+                dec = self.make(t.seqs[rows], t.prompt_lengths[rows], t.lengths[rows])
                 dec["loss_mask"] = dec["loss_mask"] * keep[:, None]
                 put = lambda x: jax.make_array_from_process_local_data(self.steps.batch_sharding, x)  # noqa: E731
                 batch = {k: put(v) for k, v in dec.items()}

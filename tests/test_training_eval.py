@@ -41,7 +41,7 @@ def test_teacher_forced_kl_matches_float64_numpy(assets):
     from dwjax.losses import make_decoder_batch
     from dwjax.models.whisper import Whisper
     from dwjax.train_step import make_sharded_train_step
-    from dwjax.training_eval import TeacherForced
+    from dwjax.training_eval import TeacherForced, load_eval_sets
     from dwjax.weights.loading import load_model
 
     teacher, student = load_model(assets["teacher"]), load_model(assets["student"])
@@ -50,7 +50,7 @@ def test_teacher_forced_kl_matches_float64_numpy(assets):
     steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)
     tok = teacher.tokenizer
     # 6 clips, global batch 8: one batch, 2 of its rows padding (masked)
-    tf = TeacherForced(cfg.data.eval, tok, teacher.cfg.n_mels, None, 8, steps, 448)
+    tf = TeacherForced(load_eval_sets(cfg.data.eval, None), tok, teacher.cfg.n_mels, 8, steps, 448)
     state = steps.init_state(student.params, jax.random.PRNGKey(0))
     got = tf(state.params, steps.shard_teacher(teacher.params))
 
