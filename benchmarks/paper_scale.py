@@ -38,6 +38,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 HERE = Path(__file__).resolve()
+sys.path.insert(0, str(HERE.parents[1]))     # dwjax from this checkout (for the few in-process reads)
 
 
 def sh(*args: str, ok_codes=(0,)) -> int:
@@ -74,7 +75,6 @@ def teacher_references(labels: Path, manifest: Path) -> Path:
     out = labels.parent / f"{labels.name}-as-references.jsonl"
     if out.exists():
         return out
-    sys.path.insert(0, str(HERE.parents[1]))
     from dwjax.pseudo_label import read_labels
     table = read_labels(labels, columns=["id", "text", "status"]).to_pylist()
     text = {r["id"]: r["text"] for r in table if r["status"] == "ok" and r["text"] and r["text"].strip()}
@@ -162,7 +162,6 @@ def set_result(results: Path, name: str) -> dict:
 
 def scores(results: Path, name: str) -> str:
     """'corpus WER / median utterance WER / repeated 5-grams' of one set of a `dwjax evaluate` results file."""
-    sys.path.insert(0, str(HERE.parents[1]))
     from dwjax.text.wer import wer
     s = set_result(results, name)
     if not s:
@@ -173,7 +172,6 @@ def scores(results: Path, name: str) -> str:
 
 
 def count_params(model: str) -> int:
-    sys.path.insert(0, str(HERE.parents[1]))
     import jax
     from dwjax.weights.loading import load_model
     return sum(x.size for x in jax.tree_util.tree_leaves(load_model(model).params))
