@@ -140,11 +140,12 @@ def _is_orbax_read_noise(unraisable) -> bool:
 
 
 class _QuietOrbaxReadTasks(logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" for orbax's abandoned read tasks of a failed restore
-    (logged when the task is collected, with a traceback; the restore itself already raised and was reported)."""
+    """Drops asyncio's "<Task | _GatheringFuture | Future> exception was never retrieved" for orbax's abandoned
+    reads of a failed restore (logged when the task or future is collected, with a traceback; the restore itself
+    already raised and was reported)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if not str(record.msg).startswith("Task exception was never retrieved"):
+        if "exception was never retrieved" not in str(record.msg).split("\n")[0]:
             return True
         future = getattr(record, "future", None) or (record.args.get("future") if isinstance(record.args, dict)
                                                     else None)
