@@ -102,7 +102,7 @@ OPTIONS_FILE = "labelling.json"
 SUMMARY_FILE = "summary.json"
 #: options that must not change between a run and its resumption
 _FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max_new_tokens", "dtype", "pack",
-                  "pack_gap_s", "pack_max_s")
+                  "pack_gap_s", "pack_max_s", "pack_short")
 
 
 SCHEMA = pa.schema([
@@ -159,6 +159,7 @@ class LabelOptions:
     pack: bool = False                  # label packed windows of consecutive clips (dwjax.data.packing); timestamps
     pack_gap_s: float = 0.5             # silence between packed clips (dwjax.data.packing.DEFAULT_GAP_S)
     pack_max_s: float = DEFAULT_PACK_S  # longest packed window (<= 30 s; dwjax/data/packing.py says why 24)
+    pack_short: float = 0.0             # fraction of windows filled to a random shorter length (packing.pack)
 
     def fixed(self) -> dict:
         return {k: getattr(self, k) for k in _FIXED_OPTIONS}
@@ -829,7 +830,8 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
             Utterance(e.id, item.duration, e.text, e.speaker, est))
     windows = []                                        # (dataset, language id, Window, task)
     for (dataset, lid, task), utts in partitions.items():
-        packing = pack(utts, max_s=opts.pack_max_s, gap_s=opts.pack_gap_s, max_tokens=budget)
+        packing = pack(utts, max_s=opts.pack_max_s, gap_s=opts.pack_gap_s, max_tokens=budget,
+                       short_fraction=opts.pack_short)
         windows += [(dataset, lid, w, task) for w in packing.windows]
         # clips longer than --pack-max (and <= 30 s): a window of their own
         windows += [(dataset, lid, w, task) for u in packing.unpacked
@@ -1047,6 +1049,8 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
             raise UserError("--pack decodes greedily; drop --num-beams")
         if not 0 < opts.pack_max_s <= N_SAMPLES / SAMPLE_RATE:
             raise UserError(f"--pack-max must be in (0, 30] seconds, got {opts.pack_max_s:g}")
+        if not 0 <= opts.pack_short <= 1:
+            raise UserError(f"--pack-short must be a fraction in [0, 1], got {opts.pack_short:g}")
         if not 0 <= opts.pack_gap_s < opts.pack_max_s:
             raise UserError(f"--pack-gap must be >= 0 and below --pack-max, got {opts.pack_gap_s:g}")
         opts = dataclasses.replace(opts, timestamps=True)       # packed windows are labelled with timestamps

@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dwjax.data.packing import (DEFAULT_GAP_S, Utterance, members_from_json, members_json, pack, window_audio,
-                                window_id)
+                                window_id, window_target_s)
 
 TEACHER = "builtin:whisper-tiny.en"
 SR = 16000
@@ -98,6 +98,30 @@ def test_window_audio_places_each_clip_at_its_offset():
     with pytest.raises(ValueError):
         window_audio(w, [clips[0], clips[1], clips[2], clips[3][:-100]])   # the offsets no longer describe it
     assert [m["offset_s"] for m in members_from_json(members_json(w))] == [m.offset_s for m in w.members]
+
+
+def test_short_windows_are_a_seeded_fraction_and_keep_every_rule():
+    """--pack-short: a fraction of windows is filled to a random shorter target; the rest of the rules hold."""
+    utts = [Utterance(f"u{i:04d}", 2.0 + (i % 5) * 0.5, source=f"s{i // 400}") for i in range(2000)]
+    full = pack(utts, max_s=24.0)
+    short = pack(utts, max_s=24.0, short_fraction=0.3, seed=1)
+    assert pack(utts, max_s=24.0, short_fraction=0.3, seed=1) == short                 # a pure function
+    assert pack(utts, max_s=24.0, short_fraction=0.0, seed=5) == full                  # 0: the plain packing
+    assert [m.id for w in short.windows for m in w.members] == [u.id for u in utts]    # all, once, in order
+    # which windows were drawn short is recomputed independently of pack: target below max_s
+    drawn = [window_target_s(w.members[0].id, 24.0, 0.3, 1) < 24.0 for w in short.windows]
+    assert 0.25 < np.mean(drawn) < 0.35, np.mean(drawn)
+    by_id = {u.id: u for u in utts}
+    for w, is_short in zip(short.windows, drawn):
+        target = window_target_s(w.members[0].id, 24.0, 0.3, 1)
+        assert w.duration_s <= max(target, w.members[0].duration_s) + 1e-9
+        assert w.duration_s <= 24.0 + 1e-9 and {by_id[i].source for i in w.ids} == {w.source}
+    # short windows hold fewer clips: the lengths spread over (0, 24] instead of piling up near 24 s
+    lengths = np.array([w.duration_s for w in short.windows])
+    # (without it only the last window of each of the 5 sources can be short: 5 of ~300)
+    assert (lengths < 8).mean() > 0.08 and (np.array([w.duration_s for w in full.windows]) < 8).mean() < 0.03
+    with pytest.raises(ValueError):
+        pack(utts, short_fraction=1.5)
 
 
 def test_pack_edge_cases():

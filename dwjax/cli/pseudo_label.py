@@ -59,6 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pack-max", type=float, default=DEFAULT_PACK_S, metavar="S",
                    help=f"longest packed window in seconds, at most 30 (default: {DEFAULT_PACK_S:g}: the teacher "
                         "drops the last utterances of windows filled to 30 s; dwjax/data/packing.py)")
+    p.add_argument("--pack-short", type=float, default=0.0, metavar="F",
+                   help="fraction of windows filled only to a random length in (0, --pack-max], one clip or a few, "
+                        "so a student trained on them also meets short audio followed by silence (default: 0)")
     p.add_argument("--commit-every", type=int, default=8, metavar="N",
                    help="write a part file every N global batches (what an interruption can lose)")
     p.add_argument("--workers", type=int, default=None,
@@ -92,6 +95,7 @@ def main(argv=None) -> int:
         pack=args.pack,
         pack_gap_s=args.pack_gap,
         pack_max_s=args.pack_max,
+        pack_short=args.pack_short,
     )
     summary = label_datasets(args.data, opts, cfg)
     failed = (summary or {}).get("overall", {}).get("failed", 0)

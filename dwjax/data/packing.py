@@ -1,6 +1,7 @@
 """Packing short utterances into windows of <= 30 s (the distil-large-v3 recipe), for labelling.
 
-    pack(utterances, max_s=30.0, gap_s=DEFAULT_GAP_S, max_tokens=None) -> Packing(windows, unpacked)
+    pack(utterances, max_s=30.0, gap_s=DEFAULT_GAP_S, max_tokens=None, short_fraction=0.0, seed=0)
+        -> Packing(windows, unpacked)
     window_audio(window, audios, gap_s=DEFAULT_GAP_S) -> float32 16 kHz array
 
 Rules (all of `pack` is a pure function of its arguments):
@@ -13,6 +14,11 @@ Rules (all of `pack` is a pure function of its arguments):
     the utterance opens the next one. An utterance is never split. An utterance that alone is longer than `max_s`
     is not packed: it is returned in `unpacked` (the caller labels it on its own: per clip, or long-form above
     30 s). An utterance whose token estimate alone exceeds `max_tokens` gets a window of its own.
+  * `short_fraction` > 0: that fraction of windows (drawn per window from a hash of `seed` and the id of the
+    utterance that opens it, so the packing stays a pure function) gets a shorter target, uniform in (0, max_s],
+    and closes when the next utterance would end past it (it still holds at least its first utterance). Students
+    trained only on full windows never see a short clip followed by silence, which is what short-form
+    transcription gives them.
   * Lengths are compared to `max_s` with a tolerance of 1e-9 s (sums of floats).
   * The first member starts at offset 0; member k + 1 starts at offset_k + duration_k + gap_s. A window's
     `duration_s` is its last member's end (no trailing gap), so it is <= max_s.
@@ -29,12 +35,14 @@ little of the window (at 2-5 s clips, 10-20 % of it).
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-__all__ = ["DEFAULT_GAP_S", "DEFAULT_PACK_S", "MAX_WINDOW_S", "Utterance", "Member", "Window", "Packing", "pack", "window_id",
+__all__ = ["DEFAULT_GAP_S", "DEFAULT_PACK_S", "MAX_WINDOW_S", "Utterance", "Member", "Window", "Packing", "pack",
+           "window_target_s", "window_id",
            "window_audio", "members_json", "members_from_json"]
 
 DEFAULT_GAP_S = 0.5
@@ -109,13 +117,29 @@ def _make_window(source: Optional[str], group: list[Utterance], gap_s: float) ->
                   _joined_reference([u.text for u in group]), tokens)
 
 
+def _uniform(seed: int, key: str, salt: str) -> float:
+    """A number in [0, 1) that depends only on (seed, key, salt)."""
+    digest = hashlib.sha256(f"{seed}\0{salt}\0{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0 ** 64
+
+
+def window_target_s(first_id: str, max_s: float, short_fraction: float, seed: int) -> float:
+    """The length a window opened by `first_id` is filled to: max_s, or for a `short_fraction` of windows a
+    length uniform in (0, max_s]."""
+    if short_fraction > 0 and _uniform(seed, first_id, "short") < short_fraction:
+        return max_s * (1.0 - _uniform(seed, first_id, "length"))
+    return max_s
+
+
 def pack(utterances: Iterable[Utterance], max_s: float = MAX_WINDOW_S, gap_s: float = DEFAULT_GAP_S,
-         max_tokens: Optional[int] = None) -> Packing:
+         max_tokens: Optional[int] = None, short_fraction: float = 0.0, seed: int = 0) -> Packing:
     """Windows of consecutive utterances of one source (see the module docstring)."""
     if not 0 < max_s <= MAX_WINDOW_S:
         raise ValueError(f"max_s must be in (0, {MAX_WINDOW_S:g}] s, got {max_s}")
     if gap_s < 0:
         raise ValueError(f"gap_s must be >= 0, got {gap_s}")
+    if not 0 <= short_fraction <= 1:
+        raise ValueError(f"short_fraction must be in [0, 1], got {short_fraction}")
     groups: dict[Optional[str], list[Utterance]] = {}
     position: dict[int, int] = {}
     for i, u in enumerate(utterances):
@@ -128,13 +152,14 @@ def pack(utterances: Iterable[Utterance], max_s: float = MAX_WINDOW_S, gap_s: fl
         current: list[Utterance] = []
         end = 0.0
         tokens = 0
+        target = max_s
         for u in group:
             d = float(u.duration_s)
             if d > max_s + eps:
                 unpacked.append(u)
                 continue
             if current:
-                fits = end + gap_s + d <= max_s + eps
+                fits = end + gap_s + d <= target + eps
                 if max_tokens is not None and u.tokens is not None and tokens + u.tokens > max_tokens:
                     fits = False
                 if fits:
@@ -144,6 +169,7 @@ def pack(utterances: Iterable[Utterance], max_s: float = MAX_WINDOW_S, gap_s: fl
                     continue
                 windows.append(_make_window(source, current, gap_s))
             current, end, tokens = [u], d, u.tokens or 0
+            target = window_target_s(u.id, max_s, short_fraction, seed)
         if current:
             windows.append(_make_window(source, current, gap_s))
     unpacked.sort(key=lambda u: position[id(u)])       # input order (they were collected group by group)
