@@ -19,6 +19,12 @@ Output, under DIR:
     labelling.json    teacher and decoding options; a rerun with different ones is refused.
     summary.json      audio hours, throughput, WER distribution and kept fractions per dataset (`summarise`).
 
+Audio held as bytes (a `datasets` save_to_disk Audio column with embedded files, a parquet/arrow bytes column):
+the row's `audio` (a path) is null and `audio_bytes` holds the encoded file as it was, so training
+(dwjax/data/loader.py) reads the clip from the labels alone; a packed window of such clips has `member_audio_bytes`,
+each member's file in member order (null for a member read from a path). Both are null for audio read from a path,
+and absent from labels of older versions.
+
 Rows that cannot be labelled (missing / corrupt / truncated / empty audio, over 30 s without a long-form decoder,
 an unknown language) are written with `status` = the reason and no label; `status == "ok"` marks a label. Each is
 named on stderr as it is written; the run goes on, and `dwjax pseudo-label` exits 1 at the end when the output
@@ -54,11 +60,12 @@ without one, all clips of a dataset in order), `pack_gap_s` (default 0.5 s) of d
 clip split. The teacher decodes each window with timestamp tokens (`pack` implies `timestamps`) and writes one row
 per window: `id` is "<first member id>+<number of members>", `audio` is null, `duration_s` the window's length
 (gaps included), `members` a JSON list of {"id", "offset_s", "duration_s", "audio"} (each clip's start in the
-window), `source` the speaker key, `reference` the members' references joined with one space when every member
-has a non-empty one (else null), `wer` the window label's WER against that joined reference (so a WER filter keeps
-or drops the window as a whole), `timestamps` the segments in window time. The member clips count as labelled
-(`completed_keys`), so a rerun skips them; windows are a deterministic function of the pending clips, their
-durations, speakers and the options, so a single-process run resumed after an interruption makes the same windows.
+window; "audio" its path, null for bytes: `member_audio_bytes`), `source` the speaker key, `reference` the members'
+references joined with one space when every member has a non-empty one (else null), `wer` the window label's WER
+against that joined reference (so a WER filter keeps or drops the window as a whole), `timestamps` the segments
+in window time. The member clips count as labelled (`completed_keys`), so a rerun skips them; windows are a
+deterministic function of the pending clips, their durations, speakers and the options, so a single-process run
+resumed after an interruption makes the same windows.
 A window of two or more clips never gets a truncated label: windows are closed early when the members' references (tokenised, with
 a margin for timestamps) would pass the decoding budget `max_new_tokens` (`dwjax pseudo-label --pack` makes it
 448, the decoder context, unless given; LabelOptions' own default stays 224; either is capped at 448 minus the
@@ -108,7 +115,7 @@ _FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max
 SCHEMA = pa.schema([
     ("id", pa.string()),
     ("dataset", pa.string()),
-    ("audio", pa.string()),                  # the audio path (null for audio held as bytes)
+    ("audio", pa.string()),                  # the audio path (null for audio held as bytes: audio_bytes)
     ("duration_s", pa.float64()),
     ("text", pa.string()),                   # the teacher's label
     ("token_ids", pa.list_(pa.int32())),
@@ -127,7 +134,12 @@ SCHEMA = pa.schema([
     ("language_probability", pa.float64()),  # the teacher's probability of `language` (null: not measured)
     ("language_source", pa.string()),        # "forced", "manifest" or "detected"
     ("metric", pa.string()),                 # what `wer` measures: "wer" or "cer" (dwjax.text.languages)
+    ("audio_bytes", pa.binary()),            # a clip held as bytes (a datasets Audio column): its encoded file
+    ("member_audio_bytes", pa.list_(pa.binary())),  # packed windows of such clips: each member's file, in order
 ])
+#: columns `summarise` reads (not the audio bytes)
+SUMMARY_COLUMNS = ("dataset", "id", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text",
+                   "members", "language", "task", "language_source")
 #: the kinds of rows that get no label because something failed (the part of `status` before the first ":")
 FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
                  "unsupported language", "mixed scripts", "long-form decoding failed")
@@ -288,7 +300,7 @@ def _base_row(e: Example, duration: Optional[float], status: str) -> dict:
             "no_speech_prob": None, "timestamps": None, "reference": e.text,
             "reference_encoding_errors": bool(e.encoding_errors), "wer": None, "status": status,
             "members": None, "source": None, "task": e.task, "language_probability": None,
-            "language_source": None, "metric": None}
+            "language_source": None, "metric": None, "audio_bytes": e.audio_bytes, "member_audio_bytes": None}
 
 
 def status_kind(status: Optional[str]) -> str:
@@ -894,6 +906,8 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
         row = _label_row(e, w.duration_s, text, ids, language, avg_lp, nsp, segs, task, prob,
                          teacher.language_source(e))
         row.update(members=members_json(w, {m.id: {"audio": m.audio_path} for m in members}), source=w.source)
+        if any(m.audio_bytes is not None for m in members):      # the loader cannot read these clips again
+            row.update(member_audio_bytes=[m.audio_bytes for m in members])
         return row
 
     def decode_split(dataset: str, lid: int, w, audio: np.ndarray, task: str) -> list[dict]:
@@ -1108,7 +1122,7 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     if opts.pack:
         run.update({f"{k}_this_run" if k in ("windows", "packed_clips") else k: int(totals[i])
                     for i, k in enumerate(_TOTALS) if i >= 4})
-    summary = summarise(read_labels(output), run=run, options=opts.fixed())
+    summary = summarise(read_labels(output, columns=SUMMARY_COLUMNS), run=run, options=opts.fixed())
     tmp = output / f".{SUMMARY_FILE}.tmp"
     tmp.write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, output / SUMMARY_FILE)
@@ -1177,8 +1191,7 @@ def _group_summary(rows: list[dict]) -> dict:
 
 def summarise(table, run: Optional[dict] = None, options: Optional[dict] = None) -> dict:
     """Per-dataset and overall statistics of a label table (see `read_labels`)."""
-    cols = ["dataset", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text", "members",
-            "language", "task", "language_source"]
+    cols = [c for c in SUMMARY_COLUMNS if c != "id"]
     rows = table.select(cols).to_pylist()
     by: dict[str, list[dict]] = {}
     for r in rows:

@@ -8,9 +8,11 @@ randomness (timestamps kept or not, previous-text prompt or not) comes from a ge
 
 Sharing. Process p of P builds rows [p * B/P, (p+1) * B/P) of every global batch of B rows.
 
-Rows. A per-clip row (`audio` a path or bytes) is its clip padded to 30 s. A packed row (`dwjax pseudo-label
---pack`: `audio` null, `members` a JSON list of {"id", "offset_s", "duration_s", "audio"}) is its window, built by
-`dwjax.data.packing.window_audio` from the members' audio at their offsets (zeros between them), padded to 30 s.
+Rows. A per-clip row (`audio` a path, or for a clip held as bytes `audio` null and `audio_bytes` its encoded file)
+is its clip padded to 30 s. A packed row (`dwjax pseudo-label --pack`: `audio` null, `members` a JSON list of
+{"id", "offset_s", "duration_s", "audio"}, and for members held as bytes `member_audio_bytes`, their files in member
+order) is its window, built by `dwjax.data.packing.window_audio` from the members' audio at their offsets (zeros
+between them), padded to 30 s. Labels written before the byte columns existed read as before (paths).
 `speech_s` of a row is its clip's length, or the sum of its members' durations (the gaps are not speech).
 
 Labels. A sequence is [<|startofprev|> prev...] + SOT [lang task] [<|notimestamps|>] + teacher tokens + EOT.
@@ -78,10 +80,11 @@ class LabelledSet:
     datasets: list = None  # per row: the `dataset` column (None when absent)
     durations: list = None  # per row: the `duration_s` column (None when absent)
     task: list = None      # per row: "transcribe" / "translate" (None: transcribe)
+    member_bytes: list = None  # per row: None, or (packed rows) each member's encoded file (None: read its path)
 
     def __post_init__(self):
         n = len(self.ids)
-        for f in ("members", "plain", "speech_s", "datasets", "durations", "task"):
+        for f in ("members", "plain", "speech_s", "datasets", "durations", "task", "member_bytes"):
             if getattr(self, f) is None:
                 setattr(self, f, [None] * n)
         if self.prev is None:
@@ -125,6 +128,7 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     counts = new_counts()
     counts["total"] = len(table)
     ids, audio, tokens, langs, members, plain, speech, dsets, durs, tasks = [], [], [], [], [], [], [], [], [], []
+    member_bytes = []
     windows: dict = {}          # (dataset, source, language) -> [(first member id, last member id, row index)]
     for row in table:
         reason = judge(row, rule, counts)
@@ -140,8 +144,12 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
         if reason is not None:
             counts[reason] += 1
             continue
+        src = None if mem else (row.get("audio_bytes") or row["audio"])
+        if not mem and not src:
+            raise UserError(f"{path}: row {row['id']} has no audio (no path, no audio_bytes): labels of audio held "
+                            f"as bytes made before dwjax kept the bytes; relabel with `dwjax pseudo-label`")
         ids.append(str(row["id"]))
-        audio.append(None if mem else (row.get("audio_bytes") or row["audio"]))
+        audio.append(src)
         tokens.append(toks)
         langs.append(language or row.get("language"))
         tasks.append(task or row.get("task") or "transcribe")
@@ -149,15 +157,21 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
         dsets.append(row.get("dataset"))
         durs.append(row.get("duration_s"))
         if mem:
-            missing = [m["id"] for m in mem if not m.get("audio")]
+            held = row.get("member_audio_bytes") or [None] * len(mem)
+            if len(held) != len(mem):
+                raise UserError(f"{path}: packed row {row['id']} has {len(mem)} members but {len(held)} "
+                                f"member_audio_bytes (relabel with `dwjax pseudo-label --pack`)")
+            missing = [m["id"] for m, b in zip(mem, held) if not m.get("audio") and not b]
             if missing:
-                raise UserError(f"{path}: packed row {row['id']} has no audio path for member {missing[0]} "
-                                f"(relabel with `dwjax pseudo-label --pack`)")
+                raise UserError(f"{path}: packed row {row['id']} has no audio (no path, no member_audio_bytes) for "
+                                f"member {missing[0]} (relabel with `dwjax pseudo-label --pack`)")
+            member_bytes.append(held if any(b for b in held) else None)
             speech.append(float(sum(float(m["duration_s"]) for m in mem)))
             plain.append(_plain_tokens(tokenizer, toks) if tokenizer is not None else None)
         else:
             speech.append(None)
             plain.append(None)
+            member_bytes.append(None)
     prev = [-1] * len(ids)
     for group in windows.values():
         group.sort()
@@ -169,7 +183,7 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
         raise UserError(f"{path}: no training examples left after the label filters "
                         f"({format_counts(name, counts, rule)})")
     return LabelledSet(name, ids, audio, tokens, langs, weight, members, plain, prev, speech, dsets, durs,
-                       tasks), counts
+                       tasks, member_bytes), counts
 
 
 def _plain_tokens(tok, tokens: list[int]) -> list[int]:
@@ -426,7 +440,9 @@ def row_audio(s: LabelledSet, i: int) -> tuple[np.ndarray, Optional[float]]:
         a = load_audio_bytes(src, name=s.ids[i]) if isinstance(src, bytes) else load_audio(src)
         return a, None
     from dwjax.data.packing import window_audio
-    clips = [load_audio(m["audio"]) for m in s.members[i]]
+    held = s.member_bytes[i] or [None] * len(s.members[i])
+    clips = [load_audio_bytes(b, name=f"{s.ids[i]}/{m['id']}") if b else load_audio(m["audio"])
+             for m, b in zip(s.members[i], held)]
     try:
         return window_audio(member_window(s, i), clips), s.speech_s[i]
     except ValueError as e:
