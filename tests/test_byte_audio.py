@@ -188,6 +188,17 @@ def test_packed_windows_of_byte_audio(assets, tmp_path):
             expect[start: start + len(a)] = a
         np.testing.assert_array_equal(row, expect)
         assert np.abs(row).max() > 0.1
+    # the encoder cache's audio fingerprint of a window of byte clips hashes the bytes (it has no paths to stat)
+    import dataclasses
+
+    from dwjax.data.encoder_cache import audio_fingerprint
+    prints = [audio_fingerprint(s, i) for i in range(len(s.ids))]
+    assert len(set(prints)) == len(prints)
+    i = next(i for i, m in enumerate(s.members) if m and len(m) >= 2)
+    changed = list(s.member_bytes)
+    changed[i] = [changed[i][0][:-1] + bytes([changed[i][0][-1] ^ 1])] + list(changed[i][1:])
+    assert audio_fingerprint(dataclasses.replace(s, member_bytes=changed), i) != prints[i]
+    assert audio_fingerprint(dataclasses.replace(s, member_bytes=list(s.member_bytes)), i) == prints[i]
 
 
 def test_labels_without_the_bytes_column(assets, tmp_path):

@@ -9,7 +9,8 @@ Layout of DIR:
 
 Keys. A row's key is `dataset/id` of its label (`LabelledSet.key`); its audio fingerprint is the sha256 of
 (path, size, mtime_ns) of its clip (of its bytes for audio held in the label file), and for a packed window of each
-member (path, size, mtime_ns, offset_s, duration_s). The teacher fingerprint is the sha256 of the teacher
+member (path, size, mtime_ns, offset_s, duration_s; the sha256 of its bytes instead of the path, size and
+mtime for a member held as bytes). The teacher fingerprint is the sha256 of the teacher
 encoder's parameters (every array's path, dtype, shape and bytes), its n_mels and the compute dtype: a cache
 serves exactly one encoder.
 
@@ -81,8 +82,10 @@ def audio_fingerprint(s, i: int) -> str:
         else:
             h.update(json.dumps(["clip", _file_id(str(src))]).encode())
     else:
-        h.update(json.dumps([[*_file_id(m["audio"]), float(m["offset_s"]), float(m["duration_s"])]
-                             for m in s.members[i]]).encode())
+        held = (s.member_bytes[i] if s.member_bytes else None) or [None] * len(s.members[i])
+        h.update(json.dumps([[*(["bytes", hashlib.sha256(b).hexdigest()] if b else _file_id(m["audio"])),
+                              float(m["offset_s"]), float(m["duration_s"])]
+                             for m, b in zip(s.members[i], held)]).encode())
     return h.hexdigest()
 
 
