@@ -109,6 +109,30 @@ def test_bucketed_cache_matches_full_cache_and_transformers(case, timestamps):
     assert [row[:n].tolist() for row, n in zip(bucketed["tokens"], bucketed["lengths"])] == ref
 
 
+def test_row_limit_stops_only_the_rows_that_reach_it(en_case):
+    """decode_loop's per-row `limit` (the pseudo-labeller's runaway stop): a row stops after `limit` tokens, with
+    exactly the tokens and log-probability of a decoding whose budget is that limit; rows that end earlier are
+    what transformers' greedy decoding gives."""
+    import jax
+
+    from dwjax.decoding.generate import decode_loop
+    c = en_case
+    prompt = jnp.asarray(np.broadcast_to(c.prompt(False), (3, len(c.prompt(False)))))
+    run = jax.jit(lambda params, enc, limit, n: decode_loop(c.model, c.spec, params, enc, prompt, n, limit=limit),
+                  static_argnums=3)
+    # unlimited lengths are [2, MAX_NEW, MAX_NEW // 2] (test_greedy_matches_transformers_random): limit row 1 only
+    limited = jax.device_get(run(c.gen.params, c.enc, jnp.asarray([MAX_NEW // 2, 4, MAX_NEW], jnp.int32), MAX_NEW))
+    assert limited["lengths"].tolist() == [2, 4, MAX_NEW // 2]
+    ref = H.hf_generate(c.hf, c.mel, c.spec, c.cfg.vocab_size, MAX_NEW, False)
+    assert [row[:n].tolist() for row, n in zip(limited["tokens"], limited["lengths"])] == [ref[0], ref[1][:4], ref[2]]
+    assert (limited["tokens"][1, 4:] == c.spec.eot).all()
+    budget4 = jax.device_get(run(c.gen.params, c.enc, None, 4))
+    np.testing.assert_array_equal(limited["tokens"][1, :4], budget4["tokens"][1])
+    np.testing.assert_allclose(limited["sum_logprob"][1], budget4["sum_logprob"][1], rtol=1e-6)
+    unlimited = jax.device_get(run(c.gen.params, c.enc, None, MAX_NEW))
+    np.testing.assert_allclose(limited["sum_logprob"][[0, 2]], unlimited["sum_logprob"][[0, 2]], rtol=1e-6)
+
+
 def test_beam1_equals_greedy(en_case):
     c = en_case
     greedy = c.gen.generate(c.enc, c.prompt(False), max_new_tokens=MAX_NEW)

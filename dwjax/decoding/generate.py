@@ -71,14 +71,16 @@ def _grow(cache: dict, size: int) -> dict:
 
 def decode_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_new_tokens: int,
                 temperature: float = 0.0, rng=None, sot_index: int = 0, first_bucket: int = FIRST_CACHE_BUCKET,
-                active=None):
+                active=None, limit=None):
     """Pure function (jit it): greedy (temperature 0) or sampling. prompt: (b, p) int32, the same layout per row.
 
     The self-attention cache starts at `first_bucket` positions and doubles (`cache_buckets`): one while loop
     per length, each left when every row is done or its cache is full, so a step attends over (and reads) a
     cache about as long as the text so far, not the full 448 positions; first_bucket <= 0: one full cache.
     `active` (b,) bool: rows where it is False (a batch's padding) count as done from the start (EOT only), so
-    they never keep the loop going."""
+    they never keep the loop going. `limit` (b,) int: a row is done once it has generated that many tokens (its
+    remaining positions EOT; it ends without an EOT of its own, like a row that reaches max_new_tokens): the
+    pseudo-labeller's runaway stop (dwjax/pseudo_label.py, runaway_limit); rows that end earlier are unchanged."""
     b, p = prompt.shape
     rng = jax.random.PRNGKey(0) if rng is None else rng
     params = unstack_decoder(params)          # per-layer weights sliced once, outside the loop
@@ -99,8 +101,10 @@ def decode_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_n
     done0 = jnp.zeros((b,), bool) if active is None else ~jnp.asarray(active, bool)
     tok, lp = choose(logits[:, -1], 0, none, none, none, done0)
     tokens = jnp.full((b, max_new_tokens), spec.eot, jnp.int32).at[:, 0].set(tok)
+    limit = jnp.full((b,), max_new_tokens + 1, jnp.int32) if limit is None else jnp.asarray(limit, jnp.int32)
     state = dict(step=jnp.int32(1), tokens=tokens, cache=cache, last=tok, penult=none,
-                 last_ts=jnp.where(tok >= spec.timestamp_begin, tok, -1), done=tok == spec.eot, sum_lp=lp)
+                 last_ts=jnp.where(tok >= spec.timestamp_begin, tok, -1), done=(tok == spec.eot) | (limit <= 1),
+                 sum_lp=lp)
 
     def cond(s):
         # step s feeds the previous token at cache position p + s - 1
@@ -111,7 +115,7 @@ def decode_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_n
         tok, lp = choose(logits[:, 0], s["step"], s["last"], s["penult"], s["last_ts"], s["done"])
         return dict(step=s["step"] + 1, tokens=s["tokens"].at[:, s["step"]].set(tok), cache=cache, last=tok,
                     penult=s["last"], last_ts=jnp.where(tok >= spec.timestamp_begin, tok, s["last_ts"]),
-                    done=s["done"] | (tok == spec.eot), sum_lp=s["sum_lp"] + lp)
+                    done=s["done"] | (tok == spec.eot) | (s["step"] + 1 >= limit), sum_lp=s["sum_lp"] + lp)
 
     for i, size in enumerate(sizes):
         if i:
