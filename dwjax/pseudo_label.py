@@ -73,6 +73,14 @@ prompt), and a window whose decoding still reaches the budget is split in two an
 half decoded again; the summary counts those splits (`token_limit_splits`) and the single clips that still hit
 the budget (`token_limit_truncated`, labelled like any clip that does). `summary.json` counts per dataset the
 `windows` and the `packed_clips` they hold; `audio_hours` counts clip audio, not the gaps.
+
+Runaway stop. A teacher that loops on a short clip ("and the, and the, ...") would decode to the budget (448
+tokens for 3 s of audio) while the whole batch waits, and a packed window doing so would be split and decoded
+again. Each row may therefore generate at most `runaway_limit(duration)` tokens (RUNAWAY_TOKENS_PER_S per second
+of audio plus RUNAWAY_MARGIN; kept labels of real English speech run at up to ~7 tokens per second). A row that
+reaches that limit below the budget gets status "runaway: ..." and no label (not a failure; its text stays for
+inspection; the summary counts `runaway` rows); every row that ends earlier gets exactly the label it would get
+without the stop. A window that reaches the budget itself is still split as above.
 """
 from __future__ import annotations
 
@@ -147,6 +155,10 @@ FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer tha
 LANGUAGE_KINDS = ("unknown language", "unsupported language")
 #: the kind of rows that get no label because they hold no speech (not a failure)
 NO_SPEECH = "no speech"
+RUNAWAY = "runaway"
+#: the runaway stop (module docstring): a row may generate RUNAWAY_MARGIN + RUNAWAY_TOKENS_PER_S x its seconds
+RUNAWAY_TOKENS_PER_S = 20
+RUNAWAY_MARGIN = 16
 #: Whisper's no-speech rule (openai/whisper transcribe()): a window is silent when the no-speech probability is
 #: above NO_SPEECH_THRESHOLD and the decoding's average log-probability is below LOGPROB_THRESHOLD
 NO_SPEECH_THRESHOLD = 0.6
@@ -309,8 +321,23 @@ def status_kind(status: Optional[str]) -> str:
 
 
 def is_failure(status: Optional[str]) -> bool:
-    """A row that got no label because something failed (not "ok", not "no speech")."""
-    return status_kind(status) not in ("ok", NO_SPEECH)
+    """A row that got no label because something failed (not "ok", "no speech" or "runaway")."""
+    return status_kind(status) not in ("ok", NO_SPEECH, RUNAWAY)
+
+
+def runaway_limit(duration_s: Optional[float], budget: int) -> int:
+    """The most tokens a row of `duration_s` seconds may generate (module docstring: Runaway stop), <= budget."""
+    if duration_s is None:
+        return budget
+    return min(budget, RUNAWAY_MARGIN + int(math.ceil(RUNAWAY_TOKENS_PER_S * duration_s)))
+
+
+def runaway_row(row: dict, n_tokens: int, duration_s: float) -> dict:
+    """A decoded row that reached its runaway limit: status "runaway: ...", no label (its text kept to inspect)."""
+    if row["status"] != "ok":      # no speech wins: it is the more specific verdict
+        return row
+    return dict(row, status=f"{RUNAWAY}: {n_tokens} tokens for {duration_s:.1f} s of audio without an end "
+                            f"(the stop: {RUNAWAY_TOKENS_PER_S} tokens per second + {RUNAWAY_MARGIN})")
 
 
 def no_speech_status(duration: Optional[float], no_speech_prob: float, avg_logprob: float) -> Optional[str]:
@@ -426,9 +453,9 @@ class _Teacher:
 
         from dwjax.mesh import BATCH_AXES
         rows = P(BATCH_AXES)
-        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows, rows), out_specs=rows,
-                             check_vma=False)
-        self._step = jax.jit(step, in_shardings=(self.replicated,) + (self.batch_sharding,) * 4,
+        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows, rows, rows),
+                             out_specs=rows, check_vma=False)
+        self._step = jax.jit(step, in_shardings=(self.replicated,) + (self.batch_sharding,) * 5,
                              out_shardings=self.batch_sharding)
         self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
 
@@ -436,10 +463,16 @@ class _Teacher:
         from dwjax.audio import log_mel_spectrogram
         return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
 
-    def _step_impl(self, params, mel, lang, task, active):
+    def _step_impl(self, params, mel, lang, task, active, limit):
         lang_ids = tuple(self.tok.languages.values()) if self.multilingual else None
         return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang,
-                          task if self.multilingual else None, active)
+                          task if self.multilingual else None, active, limit)
+
+    def limits(self, durations: Sequence[Optional[float]], n_local: int) -> np.ndarray:
+        """(n_local,) int32: each row's runaway limit (`runaway_limit`); padding rows get the budget."""
+        out = np.full((n_local,), self.max_new, np.int32)
+        out[: len(durations)] = [runaway_limit(d, self.max_new) for d in durations]
+        return out
 
     def language_id(self, e: Example) -> int | str:
         """The forced language token of a row (-1: detect), or a failure status when the row's language cannot
@@ -484,10 +517,12 @@ class _Teacher:
         return problem if problem is not None else lid
 
     def run(self, local_audio: np.ndarray, local_lang: np.ndarray, global_b: int,
-            local_task: Optional[np.ndarray] = None, local_active: Optional[np.ndarray] = None):
+            local_task: Optional[np.ndarray] = None, local_active: Optional[np.ndarray] = None,
+            local_limit: Optional[np.ndarray] = None):
         """Global arrays from this process's rows, one step, this process's rows of the results (numpy).
         `local_task`: each row's task token (default: the run's task). `local_active`: False for padding rows
-        (not encoded, decoded as done: their results are meaningless); default all True."""
+        (not encoded, decoded as done: their results are meaningless); default all True. `local_limit`: each
+        row's most generated tokens (`limits`, the runaway stop); default the budget."""
         import jax
         s = self.batch_sharding
         if local_task is None:
@@ -498,18 +533,23 @@ class _Teacher:
         if local_active is None:
             local_active = np.ones(local_lang.shape, bool)
         active = jax.make_array_from_process_local_data(s, np.asarray(local_active, bool), (global_b,))
-        out = self._step(self.params, self._mel(audio), lang, task, active)
+        if local_limit is None:
+            local_limit = np.full(local_lang.shape, self.max_new, np.int32)
+        limit = jax.make_array_from_process_local_data(s, np.asarray(local_limit, np.int32), (global_b,))
+        out = self._step(self.params, self._mel(audio), lang, task, active, limit)
         return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
 
 
-def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None, active=None):
+def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None, active=None,
+               limit=None):
     """One device's rows: encoder, language detection (multilingual teachers, rows with lang < 0), greedy decode.
 
     `template` is the prompt; for multilingual teachers position 1 holds the language token, filled per row from
     `lang` (>= 0: forced) or the detected language, and position 2 the task token, per row from `task` when
     given. Outputs also `language` (the token used) and `language_probability` (the teacher's probability of it
     among the language tokens). Pure: the pseudo-labeller runs it under shard_map; the accelerator benchmark
-    times the same function. `active` (b,) bool: False for padding rows (not encoded, decoded as done)."""
+    times the same function. `active` (b,) bool: False for padding rows (not encoded, decoded as done). `limit`
+    (b,) int: each row's most generated tokens (the runaway stop; default max_new)."""
     import jax
     import jax.numpy as jnp
 
@@ -530,7 +570,7 @@ def label_step(model, spec, template, language_ids, max_new: int, params, mel, l
         prompt = prompt.at[:, 1].set(lang)
         if task is not None:
             prompt = prompt.at[:, 2].set(jnp.asarray(task, jnp.int32))
-    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0, active=active)
+    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0, active=active, limit=limit)
     out["language"] = lang
     if language_ids is not None:
         out["language_probability"] = lang_prob
@@ -722,7 +762,8 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                     rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
                                               teacher.language_source(e))
             elif on_device or n_proc > 1:
-                out = teacher.run(audio, lang, global_b, task)
+                limit = teacher.limits([item.duration for item in loaded], n_local)
+                out = teacher.run(audio, lang, global_b, task, local_limit=limit)
                 for i in on_device:
                     item = loaded[i]
                     e = item.example
@@ -735,6 +776,8 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                     rows[i] = _label_row(e, item.duration, text, ids, language, avg_lp,
                                          float(out["no_speech_prob"][i]), segs, teacher.task(e), prob,
                                          teacher.language_source(e))
+                    if len(ids) >= limit[i] and limit[i] < teacher.max_new:
+                        rows[i] = runaway_row(rows[i], len(ids), item.duration)
             for i, item in enumerate(loaded):
                 if rows[i] is not None:
                     continue
@@ -963,10 +1006,11 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                     lang[i] = lid
                     task_ids[i] = teacher.task_id(Example(id="", task=task))
             rows: list[dict] = []
+            limit = teacher.limits([w.duration_s for _, _, w, _ in mine], n_local)
             if any(a is not None for a, _ in loaded) or n_proc > 1:
                 active = np.zeros((n_local,), bool)          # padding and unreadable rows: not encoded
                 active[: len(loaded)] = [a is not None for a, _ in loaded]
-                out = teacher.run(audio, lang, global_b, task_ids, active)
+                out = teacher.run(audio, lang, global_b, task_ids, active, limit)
             for i, ((dataset, lid, w, task), (a, err)) in enumerate(zip(mine, loaded)):
                 if a is None:
                     e = Example(id=w.id, dataset=dataset, text=w.reference)
@@ -983,8 +1027,9 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                         continue
                     counts["token_limit_truncated"] += 1     # one clip: labelled as the per-clip path does
                 prob = float(out["language_probability"][i]) if teacher.multilingual else None
-                rows.append(window_row(dataset, language, w, ids, float(out["sum_logprob"][i]) / (n + 1),
-                                       float(out["no_speech_prob"][i]), task, prob))
+                row = window_row(dataset, language, w, ids, float(out["sum_logprob"][i]) / (n + 1),
+                                 float(out["no_speech_prob"][i]), task, prob)
+                rows.append(runaway_row(row, n, w.duration_s) if limit[i] <= n < teacher.max_new else row)
             account(rows)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
@@ -1144,10 +1189,12 @@ def _group_summary(rows: list[dict]) -> dict:
     with_ref = [r for r in ok if r["reference"] is not None]
     scored = sorted(r["wer"] for r in ok if r["wer"] is not None)
     statuses: dict[str, int] = {}
-    no_speech = 0
+    no_speech = runaway = 0
     for r in rows:
         if status_kind(r["status"]) == NO_SPEECH:
             no_speech += 1
+        elif status_kind(r["status"]) == RUNAWAY:
+            runaway += 1
         elif r["status"] != "ok":
             key = status_kind(r["status"])
             statuses[key] = statuses.get(key, 0) + 1
@@ -1169,7 +1216,8 @@ def _group_summary(rows: list[dict]) -> dict:
             "corpus": None if rates is None or math.isnan(rates["rate"]) else rates["rate"],
             "detected": sum(r.get("language_source") == "detected" for r in group)}
     out = {
-        "rows": len(rows), "ok": len(ok), "no_speech": no_speech, "failed": len(rows) - len(ok) - no_speech,
+        "rows": len(rows), "ok": len(ok), "no_speech": no_speech, "runaway": runaway,
+        "failed": len(rows) - len(ok) - no_speech - runaway,
         "audio_hours": sum(_speech_seconds(r) for r in ok) / 3600,
         "windows": sum(bool(r.get("members")) for r in rows),
         "packed_clips": sum(len(json.loads(r["members"])) for r in rows if r.get("members")),
@@ -1243,6 +1291,8 @@ def format_summary(summary: dict) -> str:
                 + (f" ({v['detected']} detected)" if v["detected"] else "") for key, v in langs.items()))
     if o.get("no_speech"):
         lines.append(f"no-speech rows (no label, not failures): {o['no_speech']}")
+    if o.get("runaway"):
+        lines.append(f"runaway rows (the teacher looped; stopped, no label, not failures): {o['runaway']}")
     if o["failures"]:
         lines.append("failed rows: " + "; ".join(f"{n} x {reason}" for reason, n in o["failures"].items()))
     if summary.get("duplicates"):

@@ -166,3 +166,52 @@ def test_long_audio_and_unreadable_rows_do_not_stop_a_run(corpus, tmp_path):
         assert summary["overall"]["failures"] == {"longer than 30 s": 1, "missing audio": 1}
     else:
         assert rows["long"]["status"] == "ok" and rows["long"]["text"]
+
+
+def test_runaway_stop_ends_looping_rows_at_their_limit(tmp_path):
+    """A teacher that never ends (EOT's embedding set far below the rest, one token favoured: it repeats that token)
+    on clips of 1.0-2.9 s with a budget of 64 tokens: each row stops after RUNAWAY_MARGIN + RUNAWAY_TOKENS_PER_S x
+    its seconds tokens (hand-computed here from the clip lengths) and gets status "runaway: ..." without a label and
+    without counting as failed; the 2.9 s clip's limit (74) is above the budget, so it reaches the budget and is
+    labelled as before (truncated). The exit status stays 0 (no failed rows)."""
+    import math
+
+    import jax
+
+    from dwjax.models.configs import WhisperConfig
+    from dwjax.pseudo_label import (RUNAWAY_MARGIN, RUNAWAY_TOKENS_PER_S, LabelOptions, is_failure, label_datasets,
+                                    status_kind)
+    from dwjax.weights.loading import load_model, save_dwjax
+    from tests.test_byte_audio import _waveform
+    from tests.test_distill import TOKENIZER_SOURCE, _random_params
+
+    ref = load_model(TOKENIZER_SOURCE)
+    tok = ref.tokenizer
+    cfg = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_text_ctx=448, d_model=64, encoder_layers=2, decoder_layers=2,
+                        encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=51864)
+    teacher = _random_params(cfg, 0)
+    teacher["decoder"]["final_norm"]["scale"][:] = 0.1
+    teacher["decoder"]["final_norm"]["bias"][:] = 1.0
+    looped = tok.encode(" the")[0]
+    teacher["decoder"]["embed_tokens"]["embedding"][tok.eot] = -2.0
+    teacher["decoder"]["embed_tokens"]["embedding"][looped] = 2.0
+    save_dwjax(tmp_path / "teacher", cfg, teacher, tok, ref.generation, {"note": "a teacher that never ends"})
+    durations = (1.0, 1.6, 2.2, 2.9)
+    with open(tmp_path / "m.jsonl", "w") as f:
+        for i, d in enumerate(durations):
+            sf.write(tmp_path / f"c{i}.wav", _waveform(i, d), 16000)
+            f.write(json.dumps({"id": f"c{i}", "audio": str(tmp_path / f"c{i}.wav")}) + "\n")
+    budget = 64
+    summary = label_datasets([str(tmp_path / "m.jsonl")], LabelOptions(
+        teacher=str(tmp_path / "teacher"), output=str(tmp_path / "labels"), batch_size=4, max_new_tokens=budget,
+        num_workers=1, progress=False), devices=jax.devices()[:1])
+    rows = sorted(read_labels(tmp_path / "labels").to_pylist(), key=lambda r: r["id"])
+    for r, d in zip(rows, durations):
+        limit = RUNAWAY_MARGIN + math.ceil(RUNAWAY_TOKENS_PER_S * d)
+        assert set(r["token_ids"] or []) <= {looped}
+        if limit < budget:
+            assert status_kind(r["status"]) == "runaway" and not is_failure(r["status"]), r["status"]
+            assert len(r["token_ids"]) == limit and f"{limit} tokens for {d:.1f} s" in r["status"]
+        else:
+            assert r["status"] == "ok" and len(r["token_ids"]) == budget
+    assert summary["overall"]["runaway"] == 3 and summary["overall"]["failed"] == 0
