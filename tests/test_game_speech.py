@@ -327,3 +327,17 @@ def test_split_by_speaker_is_disjoint_deterministic_and_keeps_the_hero_in_train(
     assert split_by_speaker(list(reversed(rows)), 0.1)[1] == list(reversed(held))   # order-free choice
     with pytest.raises(Exception, match="--holdout"):
         split_by_speaker(rows, 1.5)
+
+
+def test_first_share_takes_the_same_share_of_every_speaker_in_order():
+    from dwjax.cli.get_game_speech import first_share
+    rows = [{"id": f"a{i}", "speaker": "a", "duration_s": 2.0} for i in range(30)]        # 60 s
+    rows += [{"id": f"b{i}", "speaker": "b", "duration_s": 3.0} for i in range(10)]       # 30 s
+    rows = [r for pair in zip(rows[:10], rows[30:]) for r in pair] + rows[10:30]           # interleaved, then a
+    kept = first_share(rows, 45 / 3600)                                                    # half of the 90 s
+    assert [r["id"] for r in kept if r["speaker"] == "a"] == [f"a{i}" for i in range(15)]  # 30 s of a's 60
+    assert [r["id"] for r in kept if r["speaker"] == "b"] == [f"b{i}" for i in range(5)]   # 15 s of b's 30
+    assert [r["id"] for r in kept] == [r["id"] for r in rows if r in kept]                 # manifest order kept
+    assert first_share(rows, 10.0) == rows                                                 # more than there is
+    with pytest.raises(Exception, match="--train-hours"):
+        first_share(rows, 0)

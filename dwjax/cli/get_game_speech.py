@@ -10,7 +10,8 @@ ar/tar reader where dpkg-deb is missing) and writes
     DIR/bass/NUMBER.flac      sky.dsk files 50000-59999, RNC-unpacked 8-bit PCM as 8-bit FLAC (11,025 Hz)
     DIR/GAME/COPYRIGHT, DIR/GAME/README-game.txt   the games' licences, which ask to travel with them
     DIR/manifest.jsonl        id, audio, duration_s, sample_rate, speaker, source: a dwjax manifest without text
-    DIR/train.jsonl, DIR/heldout.jsonl   with --holdout F: a speaker-disjoint split (`split_by_speaker`)
+    DIR/train.jsonl, DIR/heldout.jsonl   with --holdout F: a speaker-disjoint split (`split_by_speaker`);
+                                         --train-hours H keeps about H hours of train.jsonl (`first_share`)
 
 The clips are those of ../shared/data/unlabelled (same ids, names and durations). See dwjax/data/game_speech.py.
 """
@@ -56,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--holdout", type=float, default=0.0, metavar="F",
                         help="also write train.jsonl and heldout.jsonl: whole speaker groups holding about this "
                              "fraction of the clips go to heldout (deterministic; default 0: no split)")
+    parser.add_argument("--train-hours", type=float, default=None, metavar="H",
+                        help="with --holdout: keep about H hours of train.jsonl, the same share of every speaker "
+                             "group (its first clips, in order; default: all)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     return parser
 
@@ -80,6 +84,27 @@ def split_by_speaker(rows: list[dict], fraction: float) -> tuple[list[dict], lis
         held.add(speaker)
         n_held += sizes[speaker]
     return [r for r in rows if r["speaker"] not in held], [r for r in rows if r["speaker"] in held]
+
+
+def first_share(rows: list[dict], hours: float) -> list[dict]:
+    """About `hours` of `rows`: from every speaker group the same share of its clip time, its first clips in order
+    (consecutive lines, so packing still joins neighbours; every speaker kept). A function of the rows alone."""
+    if hours <= 0:
+        raise UserError(f"--train-hours must be positive, not {hours}")
+    total = sum(r["duration_s"] for r in rows)
+    share = min(1.0, hours * 3600 / total) if total else 1.0
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["speaker"], []).append(r)
+    keep = set()
+    for group in groups.values():
+        target, taken = share * sum(r["duration_s"] for r in group), 0.0
+        for r in group:
+            if taken >= target:
+                break
+            keep.add(r["id"])
+            taken += r["duration_s"]
+    return [r for r in rows if r["id"] in keep]
 
 
 # ---------------------------------------------------------------- .deb handling
@@ -250,6 +275,10 @@ def main(argv: list[str]) -> int:
     games = parse_games(args.games)
     if args.holdout and not 0.0 < args.holdout < 1.0:
         raise UserError(f"--holdout must be between 0 and 1 (exclusive), not {args.holdout}")
+    if args.train_hours is not None and not args.holdout:
+        raise UserError("--train-hours needs --holdout (it trims train.jsonl)")
+    if args.train_hours is not None and args.train_hours <= 0:
+        raise UserError(f"--train-hours must be positive, not {args.train_hours}")
     start = time.perf_counter()
     rows, failures, info = get_game_speech(args.output, games, args.packages_dir, progress=not args.no_progress)
     for game, i in info.items():
@@ -262,8 +291,11 @@ def main(argv: list[str]) -> int:
     print(f"wrote {len(rows)} clips and {Path(args.output) / 'manifest.jsonl'} in {time.perf_counter() - start:.0f} s")
     if args.holdout:
         train, heldout = split_by_speaker(rows, args.holdout)
+        if args.train_hours is not None:
+            train = first_share(train, args.train_hours)
         write_manifest(Path(args.output) / "train.jsonl", train)
         write_manifest(Path(args.output) / "heldout.jsonl", heldout)
-        print(f"split by speaker: train.jsonl {len(train)} clips ({len({r['speaker'] for r in train})} speakers), "
+        print(f"split by speaker: train.jsonl {len(train)} clips, {sum(r['duration_s'] for r in train) / 3600:.2f} h "
+              f"({len({r['speaker'] for r in train})} speakers), "
               f"heldout.jsonl {len(heldout)} clips ({len({r['speaker'] for r in heldout})} speakers)")
     return 1 if failures else 0
