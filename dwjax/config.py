@@ -160,6 +160,8 @@ class OptimConfig:
     eps: float = _f(1e-8, "Adam epsilon")
     weight_decay: float = _f(0.0, "decoupled weight decay (AdamW)")
     max_grad_norm: float = _f(1.0, "clip gradients to this global norm; 0 = no clipping")
+    frozen: tuple[str, ...] = _f((), "student decoder parts kept at their initial values (embed_tokens, "
+                                     "embed_positions, final_norm, layers); [] = train the whole decoder")
 
 
 @dataclass(frozen=True)

@@ -84,13 +84,30 @@ def _decay_mask(params):
     return jax.tree_util.tree_map_with_path(decays, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
+DECODER_PARTS = ("embed_tokens", "embed_positions", "final_norm", "layers")
+
+
 def make_optimizer(o: OptimConfig) -> tuple[optax.GradientTransformation, Callable]:
-    """(AdamW with global-norm clipping, the learning-rate schedule) from `optim` config."""
+    """(AdamW with global-norm clipping, the learning-rate schedule) from `optim` config. Decoder parts named in
+    `optim.frozen` get zero updates and no optimizer state (their gradients are then never computed: XLA drops
+    them), and do not count in the clipping norm."""
     schedule = make_schedule(o)
     parts = [optax.clip_by_global_norm(o.max_grad_norm)] if o.max_grad_norm > 0 else []
     parts.append(optax.adamw(schedule, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay,
                              mask=_decay_mask))
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    frozen = tuple(o.frozen)
+    unknown = sorted(set(frozen) - set(DECODER_PARTS))
+    if unknown:
+        raise ConfigError(f"optim.frozen: unknown decoder part(s) {', '.join(unknown)}; "
+                          f"choose from {', '.join(DECODER_PARTS)}")
+    if frozen:
+        def labels(params):
+            return {k: jax.tree_util.tree_map(lambda _: "frozen" if k in frozen else "trained", v,
+                                              is_leaf=lambda x: isinstance(x, nn.Partitioned))
+                    for k, v in params.items()}
+        tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule
 
 
 def init_train_state(student_params, tx: optax.GradientTransformation, rng) -> TrainState:
@@ -157,11 +174,12 @@ def _microbatches(batch, k: int):
 
 def train_step(state: TrainState, teacher_params, batch: dict, *, student_model: Whisper, teacher_model: Whisper,
                loss_cfg: LossConfig, tx: optax.GradientTransformation, schedule: Callable | None = None,
-               grad_accum: int = 1) -> tuple[TrainState, dict]:
+               grad_accum: int = 1, frozen: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
     """One optimizer step over `grad_accum` microbatches of `batch`; returns (new state, metrics).
 
-    metrics: loss, kl (per token, at the training temperature, without T²), ce, mse, grad_norm (before clipping),
-    lr (of this step), n_tokens (of the whole step)."""
+    `frozen`: decoder parts (optim.frozen) whose gradients are replaced by zeros (so never computed) and whose
+    updates are zero (make_optimizer). metrics: loss, kl (per token, at the training temperature, without T²), ce,
+    mse, grad_norm (of the trained parts, before clipping), lr (of this step), n_tokens (of the whole step)."""
     use_mse = bool(loss_cfg.mse_weight)
     dec_params = state.params["decoder"]
     batch = {k: batch[k] for k in (CACHED_BATCH_KEYS if "encoder_out" in batch else BATCH_KEYS)}
@@ -191,6 +209,7 @@ def train_step(state: TrainState, teacher_params, batch: dict, *, student_model:
 
     n = jnp.maximum(terms["n_tokens"], 1.0)
     grads = jax.tree_util.tree_map(lambda g: (g / n).astype(g.dtype), grads)
+    grads = {key: jax.tree_util.tree_map(jnp.zeros_like, g) if key in frozen else g for key, g in grads.items()}
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, dec_params)
     new_dec = optax.apply_updates(dec_params, updates)
@@ -370,7 +389,8 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
         return wrapped
 
     step_fn = functools.partial(train_step, student_model=student_model, teacher_model=teacher_model,
-                                loss_cfg=cfg.loss, tx=tx, schedule=schedule, grad_accum=k)
+                                loss_cfg=cfg.loss, tx=tx, schedule=schedule, grad_accum=k,
+                                frozen=tuple(cfg.optim.frozen))
     batch_sh = {key: batch_sharding for key in BATCH_KEYS}
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
     jit_init = jit(init, in_shardings=(state_shardings.params, repl), out_shardings=state_shardings,

@@ -114,6 +114,58 @@ def test_encoder_frozen_without_optimizer_state(setup):
     moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
     assert moments == 2 * count_params(student["decoder"])
 
+def test_frozen_decoder_parts_stay_and_the_rest_steps_as_without(setup):
+    """optim.frozen=[embed_tokens, embed_positions]: those stay bit-equal to the initial student and hold no Adam
+    state; the trained parts take the step an optimizer over those parts alone takes (plain optax.adamw + clipping
+    on the same gradients, the reference), and an unknown part name is a ConfigError."""
+    import dataclasses
+
+    import optax
+
+    from dwjax.errors import ConfigError
+    teacher, student_cfg, student, batch = setup
+    frozen = ("embed_tokens", "embed_positions")
+    o = dataclasses.replace(OPTIM, frozen=frozen)
+    s_model, t_model = ts.make_models(ModelConfig(), student_cfg, TEACHER)
+    tx, schedule = ts.make_optimizer(o)
+    step = jax.jit(functools.partial(ts.train_step, student_model=s_model, teacher_model=t_model, loss_cfg=LOSS,
+                                     tx=tx, schedule=schedule, frozen=frozen), compiler_options=FAST_COMPILE)
+    state, metrics = step(ts.init_train_state(student, tx, jax.random.PRNGKey(0)), teacher, batch)
+    for part in frozen:
+        for a, b in zip(jax.tree_util.tree_leaves(state.params["decoder"][part]),
+                        jax.tree_util.tree_leaves(student["decoder"][part])):
+            np.testing.assert_array_equal(np.asarray(a), b)
+    moments = sum(x.size for x in jax.tree_util.tree_leaves(state.opt_state) if x.ndim > 0)
+    trained = {k: v for k, v in student["decoder"].items() if k not in frozen}
+    assert moments == 2 * count_params(trained)
+    # the reference: gradients of the same loss (the full-decoder step computes them), Adam on the trained parts
+    _, full_metrics = one_step(teacher, student_cfg, student, batch)
+    assert float(metrics["loss"]) == pytest.approx(float(full_metrics["loss"]), rel=1e-6)
+
+    ref_tx = optax.chain(optax.clip_by_global_norm(OPTIM.max_grad_norm),
+                         optax.adamw(schedule, b1=OPTIM.b1, b2=OPTIM.b2, eps=OPTIM.eps,
+                                     weight_decay=OPTIM.weight_decay, mask=ts._decay_mask))
+    # the gradients of the trained parts, taken directly
+    import jax.numpy as jnp
+    from dwjax import losses
+
+    def loss_fn(dec):
+        full = dict(student["decoder"], **dec)
+        t_enc, t_logits, _ = ts._teacher_forward(t_model, teacher, batch, False)
+        enc = ts._student_encoder_out(s_model, t_model, student, t_enc, batch.get("input_features"))
+        logits, _, _ = s_model.apply({"params": {"decoder": full}}, batch["decoder_input_ids"], enc, None, True,
+                                     method="decode")
+        terms = losses.distill_loss_terms(t_logits, logits, batch["labels"], batch["loss_mask"], LOSS.temperature)
+        return losses.weighted_sum(terms, LOSS) / jnp.maximum(terms["n_tokens"], 1.0)
+    grads = jax.grad(loss_fn)(trained)
+    updates, _ = ref_tx.update(grads, ref_tx.init(trained), trained)
+    expect = optax.apply_updates(trained, updates)
+    assert_trees_close({k: state.params["decoder"][k] for k in trained}, expect, 1e-5)
+    assert float(metrics["grad_norm"]) == pytest.approx(float(optax.tree.norm(grads)), rel=1e-5)
+    with pytest.raises(ConfigError, match="optim.frozen"):
+        ts.make_optimizer(dataclasses.replace(OPTIM, frozen=("embeddings",)))
+
+
 def test_scan_equals_unrolled(setup):
     """scan_layers=True and the unrolled stack (here also rematerialised) give the same step."""
     teacher, student_cfg, student, batch = setup
