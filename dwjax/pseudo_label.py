@@ -80,7 +80,9 @@ again. Each row may therefore generate at most `runaway_limit(duration)` tokens 
 of audio plus RUNAWAY_MARGIN; kept labels of real English speech run at up to ~7 tokens per second). A row that
 reaches that limit below the budget gets status "runaway: ..." and no label (not a failure; its text stays for
 inspection; the summary counts `runaway` rows); every row that ends earlier gets exactly the label it would get
-without the stop. A window that reaches the budget itself is still split as above.
+without the stop. A window (or half window) that reaches the budget itself is split as above only when its text
+is not a loop; one whose text compresses more than RUNAWAY_COMPRESSION (zlib, Whisper's 2.4) is a runaway row too
+(splitting a loop only decodes it again, twice).
 """
 from __future__ import annotations
 
@@ -159,6 +161,8 @@ RUNAWAY = "runaway"
 #: the runaway stop (module docstring): a row may generate RUNAWAY_MARGIN + RUNAWAY_TOKENS_PER_S x its seconds
 RUNAWAY_TOKENS_PER_S = 20
 RUNAWAY_MARGIN = 16
+#: a decoding that reached the budget with a text compressing more than this is a loop, not too much speech
+RUNAWAY_COMPRESSION = 2.4
 #: Whisper's no-speech rule (openai/whisper transcribe()): a window is silent when the no-speech probability is
 #: above NO_SPEECH_THRESHOLD and the decoding's average log-probability is below LOGPROB_THRESHOLD
 NO_SPEECH_THRESHOLD = 0.6
@@ -330,6 +334,11 @@ def runaway_limit(duration_s: Optional[float], budget: int) -> int:
     if duration_s is None:
         return budget
     return min(budget, RUNAWAY_MARGIN + int(math.ceil(RUNAWAY_TOKENS_PER_S * duration_s)))
+
+
+def looped(teacher: "_Teacher", ids: list[int]) -> bool:
+    """Whether a decoding's text is a loop: it compresses more than RUNAWAY_COMPRESSION (module docstring)."""
+    return compression_ratio(teacher.tok.decode(ids).strip()) > RUNAWAY_COMPRESSION
 
 
 def runaway_row(row: dict, n_tokens: int, duration_s: float) -> dict:
@@ -776,7 +785,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                     rows[i] = _label_row(e, item.duration, text, ids, language, avg_lp,
                                          float(out["no_speech_prob"][i]), segs, teacher.task(e), prob,
                                          teacher.language_source(e))
-                    if len(ids) >= limit[i] and limit[i] < teacher.max_new:
+                    if len(ids) >= limit[i] and (limit[i] < teacher.max_new or looped(teacher, ids)):
                         rows[i] = runaway_row(rows[i], len(ids), item.duration)
             for i, item in enumerate(loaded):
                 if rows[i] is not None:
@@ -957,9 +966,12 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
         """A window whose decoding reached the budget: its halves (recursively), on the local device."""
         language = teacher.code_of.get(lid) if lid >= 0 else None
         if len(w.members) == 1:
+            ids, avg_lp, nsp = _local_decode(teacher, opts, local_cache, audio, language, task)[:3]
+            row = window_row(dataset, language or "en", w, ids, avg_lp, nsp, task)
+            if looped(teacher, ids):
+                return [runaway_row(row, len(ids), w.duration_s)]
             counts["token_limit_truncated"] += 1
-            return [window_row(dataset, language or "en", w, *_local_decode(teacher, opts, local_cache, audio,
-                                                                            language, task)[:3], task)]
+            return [row]
         counts["token_limit_splits"] += 1
         half = len(w.members) // 2
         rows = []
@@ -971,7 +983,10 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
             start = int(round(part[0].offset_s * SAMPLE_RATE))
             sub_audio = audio[start: start + int(round(sub_w.duration_s * SAMPLE_RATE))]
             ids, avg_lp, nsp, hit, lang = _local_decode(teacher, opts, local_cache, sub_audio, language, task)
-            if hit:
+            if hit and looped(teacher, ids):
+                rows.append(runaway_row(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp, task),
+                                        len(ids), sub_w.duration_s))
+            elif hit:
                 rows += decode_split(dataset, lid, sub_w, sub_audio, task)
             else:
                 rows.append(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp, task))
@@ -1021,7 +1036,10 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                 n = int(out["lengths"][i])
                 language = teacher.code_of.get(int(out["language"][i]), "en") if teacher.multilingual else "en"
                 ids = out["tokens"][i, :n].tolist()
-                if n >= teacher.max_new:                 # no EOT within the budget: never a truncated window
+                # stopped: past its runaway limit, or at the budget with a looping text (never split: a loop
+                # decoded again loops again); at the budget otherwise: too much speech, never a truncated window
+                stopped = limit[i] <= n < teacher.max_new or (n >= teacher.max_new and looped(teacher, ids))
+                if n >= teacher.max_new and not stopped:
                     if len(w.members) > 1:
                         rows += decode_split(dataset, lid, w, a, task)
                         continue
@@ -1029,7 +1047,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                 prob = float(out["language_probability"][i]) if teacher.multilingual else None
                 row = window_row(dataset, language, w, ids, float(out["sum_logprob"][i]) / (n + 1),
                                  float(out["no_speech_prob"][i]), task, prob)
-                rows.append(runaway_row(row, n, w.duration_s) if limit[i] <= n < teacher.max_new else row)
+                rows.append(runaway_row(row, n, w.duration_s) if stopped else row)
             account(rows)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):

@@ -172,8 +172,9 @@ def test_runaway_stop_ends_looping_rows_at_their_limit(tmp_path):
     """A teacher that never ends (EOT's embedding set far below the rest, one token favoured: it repeats that token)
     on clips of 1.0-2.9 s with a budget of 64 tokens: each row stops after RUNAWAY_MARGIN + RUNAWAY_TOKENS_PER_S x
     its seconds tokens (hand-computed here from the clip lengths) and gets status "runaway: ..." without a label and
-    without counting as failed; the 2.9 s clip's limit (74) is above the budget, so it reaches the budget and is
-    labelled as before (truncated). The exit status stays 0 (no failed rows)."""
+    without counting as failed; the 2.9 s clip's limit (74) is above the budget, so it stops at the budget, and its
+    text (one word repeated) is a loop, so it is a runaway row too. Packed (--pack), the four clips make one window
+    that reaches the budget: a loop, so it is one runaway row and is not split and decoded again."""
     import math
 
     import jax
@@ -200,18 +201,25 @@ def test_runaway_stop_ends_looping_rows_at_their_limit(tmp_path):
     with open(tmp_path / "m.jsonl", "w") as f:
         for i, d in enumerate(durations):
             sf.write(tmp_path / f"c{i}.wav", _waveform(i, d), 16000)
-            f.write(json.dumps({"id": f"c{i}", "audio": str(tmp_path / f"c{i}.wav")}) + "\n")
+            f.write(json.dumps({"id": f"c{i}", "audio": str(tmp_path / f"c{i}.wav"), "speaker": "s"}) + "\n")
     budget = 64
-    summary = label_datasets([str(tmp_path / "m.jsonl")], LabelOptions(
-        teacher=str(tmp_path / "teacher"), output=str(tmp_path / "labels"), batch_size=4, max_new_tokens=budget,
-        num_workers=1, progress=False), devices=jax.devices()[:1])
-    rows = sorted(read_labels(tmp_path / "labels").to_pylist(), key=lambda r: r["id"])
+
+    def label(out, **kw):
+        summary = label_datasets([str(tmp_path / "m.jsonl")], LabelOptions(
+            teacher=str(tmp_path / "teacher"), output=str(tmp_path / out), batch_size=4, max_new_tokens=budget,
+            num_workers=1, progress=False, **kw), devices=jax.devices()[:1])
+        return summary, sorted(read_labels(tmp_path / out).to_pylist(), key=lambda r: r["id"])
+
+    summary, rows = label("per-clip")
     for r, d in zip(rows, durations):
-        limit = RUNAWAY_MARGIN + math.ceil(RUNAWAY_TOKENS_PER_S * d)
+        limit = min(budget, RUNAWAY_MARGIN + math.ceil(RUNAWAY_TOKENS_PER_S * d))
         assert set(r["token_ids"] or []) <= {looped}
-        if limit < budget:
-            assert status_kind(r["status"]) == "runaway" and not is_failure(r["status"]), r["status"]
-            assert len(r["token_ids"]) == limit and f"{limit} tokens for {d:.1f} s" in r["status"]
-        else:
-            assert r["status"] == "ok" and len(r["token_ids"]) == budget
-    assert summary["overall"]["runaway"] == 3 and summary["overall"]["failed"] == 0
+        assert status_kind(r["status"]) == "runaway" and not is_failure(r["status"]), r["status"]
+        assert len(r["token_ids"]) == limit and f"{limit} tokens for {d:.1f} s" in r["status"]
+    assert [len(r["token_ids"]) for r in rows] == [36, 48, 60, 64]
+    assert summary["overall"]["runaway"] == 4 and summary["overall"]["failed"] == 0
+
+    summary, rows = label("packed", pack=True)
+    assert len(rows) == 1 and len(json.loads(rows[0]["members"])) == 4
+    assert status_kind(rows[0]["status"]) == "runaway" and len(rows[0]["token_ids"]) == budget
+    assert summary["overall"]["runaway"] == 1 and summary["run"]["token_limit_splits"] == 0
