@@ -306,7 +306,8 @@ def run(cfg: Config, *, devices=None) -> dict:
     total = cfg.optim.total_steps
     def flops_of(n_positions: int) -> float:
         """Analytic FLOPs of a step whose labels are padded to n_positions (no encoder with the cache)."""
-        return train_step_flops(teacher.cfg, student.cfg, global_batch, n_positions, with_encoder=cache is None)[1]
+        return train_step_flops(teacher.cfg, student.cfg, global_batch, n_positions, with_encoder=cache is None,
+                                frozen=tuple(cfg.optim.frozen))[1]
     peak = peak_flops(devices)
     lengths_seen: set[int] = set()
     flops_since = 0.0

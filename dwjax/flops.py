@@ -27,14 +27,16 @@ def peak_flops(devices=None) -> float:
     return CPU_PEAK_FLOPS
 
 
-def decoder_flops_per_token(cfg, with_backward: bool) -> float:
+def decoder_flops_per_token(cfg, with_backward: bool, frozen_embedding: bool = False) -> float:
     """Matmul FLOPs per label token of one decoder forward (x3 with backward): self/cross attention projections,
     MLP, vocabulary projection. Attention scores and the cross keys/values of the encoder output are per
-    sequence: `decoder_attention_flops`."""
+    sequence: `decoder_attention_flops`. `frozen_embedding` (optim.frozen holds embed_tokens): the vocabulary
+    projection's backward has no weight gradient, so it costs 2x its forward, not 3x."""
     d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.decoder_layers, cfg.vocab_size
     per_layer = 2 * (4 * d * d + 2 * d * d + 2 * d * f)
-    fwd = L * per_layer + 2 * d * V
-    return fwd * (3 if with_backward else 1)
+    if not with_backward:
+        return L * per_layer + 2 * d * V
+    return 3 * L * per_layer + (2 if frozen_embedding else 3) * 2 * d * V
 
 
 def decoder_attention_flops(cfg, length: int, passes_scores: int, passes_kv: int) -> float:
@@ -54,13 +56,15 @@ def encoder_flops(cfg) -> float:
     return conv + L * (2 * T * (4 * d * d + 2 * d * f) + 4 * T * T * d)
 
 
-def train_step_flops(teacher, student, examples: int, length: int, with_encoder: bool = True) -> tuple[float, float]:
+def train_step_flops(teacher, student, examples: int, length: int, with_encoder: bool = True,
+                     frozen: tuple[str, ...] = ()) -> tuple[float, float]:
     """(base, full) FLOPs of a distillation step over `examples` sequences of `length` label positions: base =
     per-token decoder work (student with backward, teacher forward) + the teacher encoder (`with_encoder`; False
     when its output comes from the encoder cache); full adds a student encoder of its own, attention scores and
-    the cross keys/values."""
+    the cross keys/values. `frozen`: optim.frozen (a frozen embed_tokens has no weight gradient)."""
     from dwjax.train_step import shares_encoder
-    base = examples * (length * (decoder_flops_per_token(student, True) + decoder_flops_per_token(teacher, False))
+    student_per_token = decoder_flops_per_token(student, True, frozen_embedding="embed_tokens" in frozen)
+    base = examples * (length * (student_per_token + decoder_flops_per_token(teacher, False))
                        + (encoder_flops(teacher) if with_encoder else 0.0))
     own_encoder = 0.0 if shares_encoder(student, teacher) else examples * encoder_flops(student)
     full = base + own_encoder + examples * (decoder_attention_flops(teacher, length, 1, 1)
