@@ -14,24 +14,32 @@ usage: run_scripts/demo.sh [--no-setup] [--out DIR]
 Sets up dwjax with run_scripts/setup.sh (Debian: flite espeak-ng sox; a virtualenv .venv made from the system
 python3 with this package and the builtin teachers), then:
   1. dwjax get-game-speech  real acted speech (apt-get download of two freeware games; no transcripts), split by
-                            speaker into train / held-out
+                            speaker into train / held-out, TRAIN_HOURS of it kept for training
      dwjax make-demo-data   HOURS of synthesised speech with references (flite/espeak-ng)
-  2. dwjax pseudo-label     the teacher labels both, packed into <= 30 s windows with timestamps
+  2. dwjax pseudo-label     the teacher labels both, packed into <= 24 s windows with timestamps (PACK_SHORT of
+                            the windows filled only to a random length: short audio then silence, as in
+                            short-form use)
   3. dwjax init-student     teacher encoder + 2 maximally spaced decoder layers
   4. dwjax distill          KL + pseudo-label CE for STEPS steps on the packed windows (labels without references
-                            filtered by the teacher's confidence; the teacher encoder's output cached on disk)
+                            filtered by the teacher's confidence; the teacher encoder's output cached on disk;
+                            the token and position embeddings kept frozen: README, "freezing the embeddings")
   5. dwjax evaluate         WER and speed of the teacher, the untrained student and the distilled student on the
-                            synthetic test split and on REAL_EVAL
+                            synthetic test split and on REAL_EVAL (at most EVAL_SAMPLES clips a set)
   6. dwjax report           runs/demo/report/report.md and a plot
 
 environment:
   TEACHER     teacher model (default builtin:whisper-tiny.en)
-  GAMES       which voice casts to train on (default fotaq; fotaq,bass for both)
+  GAMES       which voice casts to train on (default fotaq,bass: both)
+  TRAIN_HOURS hours of game speech to train on (default 2; the same share of every speaker)
+  PACK_SHORT  fraction of packed windows filled only to a random length (default 0.25)
   PACKAGES    a folder holding the two games' .deb files (skips the download)
   HOURS       hours of synthesised speech (default 0.2)
   STEPS       distillation steps (default 300)
   BATCH       per-device batch of 30 s windows (default 8)
-  REAL_EVAL   space-separated NAME=MANIFEST sets of real speech with references to score on (default none)
+  REAL_EVAL   space-separated NAME=MANIFEST sets of real speech with references to score on (default: where
+              ../shared/data/real exists beside the repository, all of dctts and a 10 % split of kathleen, neither
+              trained on; otherwise none)
+  EVAL_SAMPLES at most this many clips of each evaluation set (default 100)
   DWJAX_VENV  the virtualenv to make or use (default: .venv in the repository root)
 USAGE
 }
@@ -52,8 +60,10 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 teacher="${TEACHER:-builtin:whisper-tiny.en}"
 hours="${HOURS:-0.2}"
 steps="${STEPS:-300}"
-games="${GAMES:-fotaq}"
-read -r -a real_eval <<< "${REAL_EVAL:-}"
+games="${GAMES:-fotaq,bass}"
+train_hours="${TRAIN_HOURS:-2}"
+pack_short="${PACK_SHORT:-0.25}"
+eval_samples="${EVAL_SAMPLES:-100}"
 batch="${BATCH:-8}"
 
 venv="${DWJAX_VENV:-$here/../.venv}"
@@ -68,6 +78,27 @@ fi
 command -v dwjax >/dev/null || { echo "demo.sh: error: dwjax is not installed; run without --no-setup" >&2; exit 1; }
 
 mkdir -p "$out"
+shared="$here/../../shared/data"
+if [ -z "${REAL_EVAL+set}" ] && [ -f "$shared/real/manifest.tsv" ]; then
+  # held-out real read speech with transcripts (../shared/data: all of dctts, the 10 % hash split of kathleen)
+  python3 - "$shared" "$out/real" <<'PY'
+import csv, hashlib, json, os, sys
+shared, out = sys.argv[1], sys.argv[2]
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(shared, "real", "manifest.tsv"), newline="", encoding="utf-8") as f:
+    rows = list(csv.DictReader(f, delimiter="\t"))
+sets = {"dctts": lambda r: True,
+        "kathleen": lambda r: int(hashlib.sha256(r["id"].encode()).hexdigest(), 16) % 100 < 10}
+for name, held in sets.items():
+    with open(os.path.join(out, f"{name}-heldout.jsonl"), "w", encoding="utf-8") as g:
+        for r in rows:
+            if r["path"].split("/")[-2] == name and held(r):
+                g.write(json.dumps({"id": r["id"], "audio": os.path.abspath(os.path.join(shared, r["path"])),
+                                    "text": r["transcript"], "duration_s": float(r["duration_s"])}) + "\n")
+PY
+  REAL_EVAL="dctts=$out/real/dctts-heldout.jsonl kathleen=$out/real/kathleen-heldout.jsonl"
+fi
+read -r -a real_eval <<< "${REAL_EVAL:-}"
 # exit 1 from a stage over many inputs means "some inputs failed, each named above, the rest done": go on
 tolerate_some_failed() {
   local rc=$?
@@ -76,11 +107,11 @@ tolerate_some_failed() {
 }
 
 if [ ! -f "$out/games/train.jsonl" ]; then
-  dwjax get-game-speech --output "$out/games" --games "$games" --holdout 0.1 \
+  dwjax get-game-speech --output "$out/games" --games "$games" --holdout 0.1 --train-hours "$train_hours" \
     ${PACKAGES:+--packages-dir "$PACKAGES"} || tolerate_some_failed "$out/games/train.jsonl"
 fi
 dwjax make-demo-data --output "$out/data" --hours "$hours"
-dwjax pseudo-label --pack --teacher "$teacher" --data "games=$out/games/train.jsonl" \
+dwjax pseudo-label --pack --pack-short "$pack_short" --teacher "$teacher" --data "games=$out/games/train.jsonl" \
   "synthetic=$out/data/train.jsonl" --output "$out/labels" || tolerate_some_failed "$out/labels/summary.json"
 if [ ! -f "$out/student-init/dwjax_config.json" ]; then
   dwjax init-student --teacher "$teacher" --decoder-layers 2 --output "$out/student-init"
@@ -89,7 +120,8 @@ dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   "data.train=[{name: mix, path: $out/labels}]" run.output_dir="$out/distill" \
   optim.total_steps="$steps" optim.warmup_steps=$((steps / 10)) optim.learning_rate=3e-4 \
   train.per_device_batch_size="$batch" train.log_every=10 train.eval_every=0 checkpoint.save_every=100 \
-  train.encoder_cache="$out/encoder-cache" data.timestamp_probability=0.5 data.prev_context_probability=0.2
+  train.encoder_cache="$out/encoder-cache" data.timestamp_probability=0.5 data.prev_context_probability=0.2 \
+  "optim.frozen=[embed_tokens, embed_positions]"
 
 sets=("synthetic=$out/data/test.jsonl" "${real_eval[@]}")
 for who in teacher student-init student; do
@@ -98,7 +130,7 @@ for who in teacher student-init student; do
     student-init) model="$out/student-init" ;;
     student) model="$out/distill/student" ;;
   esac
-  dwjax evaluate --model "$model" --data "${sets[@]}" --output "$out/eval-$who.json" \
+  dwjax evaluate --model "$model" --data "${sets[@]}" --max-samples "$eval_samples" --output "$out/eval-$who.json" \
     || tolerate_some_failed "$out/eval-$who.json"
 done
 dwjax report "$out/eval-teacher.json" "$out/eval-student-init.json" "$out/eval-student.json" --output "$out/report"
