@@ -150,7 +150,13 @@ def test_bf16_compute_close(case):
     logits = np.asarray(jax.jit(m.apply)({"params": case.params}, case.mel, case.tokens), np.float32)
     assert np.all(np.isfinite(logits))
     scale = np.abs(case.logits).max()
-    assert np.max(np.abs(logits - case.logits)) < 0.1 * scale
+    err = np.abs(logits - case.logits) / scale
+    print(f"bf16 vs fp32 logits / max|logit|: worst {err.max():.4f}, mean {err.mean():.5f}")
+    # measured on these four cases (CPU, XLA): worst 0.0101 / 0.0073 / 0.0086 / 0.0089, mean 0.0013 / 0.0011 /
+    # 0.0012 / 0.0013 of the largest logit (~20-26): bf16's 8-bit mantissa (~0.4 % per rounding) over a few layers.
+    # Bounds: about 2x the worst measured (the old bound, 10 % of the scale, passed errors 10x what bf16 makes)
+    assert err.max() < 0.02, err.max()
+    assert err.mean() < 0.0026, err.mean()
     # the top token agrees at most positions
     agree = np.mean(logits.argmax(-1) == case.logits.argmax(-1))
     assert agree >= 0.7, agree
