@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from tests.test_distill import TOKENIZER_SOURCE, _random_params, overrides
+from tests.test_distill import TOKENIZER_SOURCE, overrides, save_steered_teacher
 
 SR = 16000
 DURATIONS = (1.0, 1.6, 2.2, 2.9)
@@ -63,7 +63,6 @@ def _padded(a: np.ndarray) -> np.ndarray:
 def assets(tmp_path_factory):
     import datasets
 
-    from dwjax.models.configs import WhisperConfig
     from dwjax.models.student import make_student
     from dwjax.weights.loading import load_model, save_dwjax
 
@@ -77,17 +76,9 @@ def assets(tmp_path_factory):
     assert isinstance(ds.features["audio"], datasets.Audio)
     ds.save_to_disk(str(root / "bytes_ds"))
 
-    ref = load_model(TOKENIZER_SOURCE)
-    tok = ref.tokenizer
-    cfg = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_text_ctx=448, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=51864)
-    teacher = _random_params(cfg, 0)
-    # the decoder's output is ~ ones (small scale, unit bias) and EOT's embedding is 2 x ones: EOT wins wherever it
-    # is allowed, so every label is one token (two with timestamps) long
-    teacher["decoder"]["final_norm"]["scale"][:] = 0.1
-    teacher["decoder"]["final_norm"]["bias"][:] = 1.0
-    teacher["decoder"]["embed_tokens"]["embedding"][tok.eot] = 2.0
-    save_dwjax(root / "teacher", cfg, teacher, tok, ref.generation, {"note": "random test teacher"})
+    # EOT's embedding is 2 x ones: EOT wins wherever it is allowed, so every label is one token (two with timestamps)
+    tok = load_model(TOKENIZER_SOURCE).tokenizer
+    cfg, teacher, ref = save_steered_teacher(root / "teacher", {tok.eot: 2.0}, "random test teacher")
     s_cfg, s_params = make_student(cfg, teacher, decoder_layers=1)
     save_dwjax(root / "student-init", s_cfg, s_params, tok, ref.generation, {"note": "test student"})
     return {"root": root, "data": root / "bytes_ds", "flacs": flacs, "teacher": root / "teacher",

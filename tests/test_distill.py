@@ -50,11 +50,34 @@ def _random_params(cfg, seed):
     return jax.tree_util.tree_map_with_path(one, nn.unbox(abstract_params(cfg)))
 
 
+def tiny_teacher_config():
+    """The tests' tiny random teacher: Whisper's real shapes for audio and text, d_model 64, 2 + 2 layers."""
+    from dwjax.models.configs import WhisperConfig
+    return WhisperConfig(n_mels=80, n_audio_ctx=1500, n_text_ctx=448, d_model=64, encoder_layers=2, decoder_layers=2,
+                         encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=51864)
+
+
+def save_steered_teacher(path: Path, embeddings: dict[int, float], note: str):
+    """A tiny random teacher whose greedy choice is steered: its decoder output is ~ ones (final norm scale 0.1,
+    bias 1), so the token whose embedding row is set to the largest value in `embeddings` ({token id: value of
+    every element}) wins wherever the decoding rules allow it. Saved as a dwjax model dir; returns (cfg, params,
+    the tokenizer's loaded model)."""
+    from dwjax.weights.loading import load_model, save_dwjax
+    ref = load_model(TOKENIZER_SOURCE)
+    cfg = tiny_teacher_config()
+    teacher = _random_params(cfg, 0)
+    teacher["decoder"]["final_norm"]["scale"][:] = 0.1
+    teacher["decoder"]["final_norm"]["bias"][:] = 1.0
+    for token, value in embeddings.items():
+        teacher["decoder"]["embed_tokens"]["embedding"][token] = value
+    save_dwjax(path, cfg, teacher, ref.tokenizer, ref.generation, {"note": note})
+    return cfg, teacher, ref
+
+
 def build_assets(root: Path) -> dict:
     """Clips (16 kHz FLAC from flite), a tiny teacher and a student (dwjax model dirs), a labels parquet file."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from dwjax.models.configs import WhisperConfig
     from dwjax.models.student import make_student
     from dwjax.weights.loading import load_model, save_dwjax
 
@@ -69,8 +92,7 @@ def build_assets(root: Path) -> dict:
 
     ref = load_model(TOKENIZER_SOURCE)
     tok = ref.tokenizer
-    cfg = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_text_ctx=448, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=51864)
+    cfg = tiny_teacher_config()
     teacher = _random_params(cfg, 0)
     save_dwjax(root / "teacher", cfg, teacher, tok, ref.generation, {"note": "random test teacher"})
     s_cfg, s_params = make_student(cfg, teacher, decoder_layers=1)

@@ -179,24 +179,15 @@ def test_runaway_stop_ends_looping_rows_at_their_limit(tmp_path):
 
     import jax
 
-    from dwjax.models.configs import WhisperConfig
     from dwjax.pseudo_label import (RUNAWAY_MARGIN, RUNAWAY_TOKENS_PER_S, LabelOptions, is_failure, label_datasets,
                                     status_kind)
-    from dwjax.weights.loading import load_model, save_dwjax
+    from dwjax.weights.loading import load_model
     from tests.test_byte_audio import _waveform
-    from tests.test_distill import TOKENIZER_SOURCE, _random_params
+    from tests.test_distill import TOKENIZER_SOURCE, save_steered_teacher
 
-    ref = load_model(TOKENIZER_SOURCE)
-    tok = ref.tokenizer
-    cfg = WhisperConfig(n_mels=80, n_audio_ctx=1500, n_text_ctx=448, d_model=64, encoder_layers=2, decoder_layers=2,
-                        encoder_heads=2, decoder_heads=2, ffn_dim=128, vocab_size=51864)
-    teacher = _random_params(cfg, 0)
-    teacher["decoder"]["final_norm"]["scale"][:] = 0.1
-    teacher["decoder"]["final_norm"]["bias"][:] = 1.0
+    tok = load_model(TOKENIZER_SOURCE).tokenizer
     looped = tok.encode(" the")[0]
-    teacher["decoder"]["embed_tokens"]["embedding"][tok.eot] = -2.0
-    teacher["decoder"]["embed_tokens"]["embedding"][looped] = 2.0
-    save_dwjax(tmp_path / "teacher", cfg, teacher, tok, ref.generation, {"note": "a teacher that never ends"})
+    save_steered_teacher(tmp_path / "teacher", {tok.eot: -2.0, looped: 2.0}, "a teacher that never ends")
     durations = (1.0, 1.6, 2.2, 2.9)
     with open(tmp_path / "m.jsonl", "w") as f:
         for i, d in enumerate(durations):
