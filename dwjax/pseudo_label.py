@@ -341,6 +341,12 @@ def looped(teacher: "_Teacher", ids: list[int]) -> bool:
     return compression_ratio(teacher.tok.decode(ids).strip()) > RUNAWAY_COMPRESSION
 
 
+def ran_away(teacher: "_Teacher", ids: list[int], limit: int) -> bool:
+    """Whether a decoding stopped by the runaway stop: it reached its limit below the budget, or reached the budget
+    with a looping text (module docstring: Runaway stop)."""
+    return len(ids) >= limit and (limit < teacher.max_new or looped(teacher, ids))
+
+
 def runaway_row(row: dict, n_tokens: int, duration_s: float) -> dict:
     """A decoded row that reached its runaway limit: status "runaway: ...", no label (its text kept to inspect)."""
     if row["status"] != "ok":      # no speech wins: it is the more specific verdict
@@ -785,7 +791,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "_Teacher
                     rows[i] = _label_row(e, item.duration, text, ids, language, avg_lp,
                                          float(out["no_speech_prob"][i]), segs, teacher.task(e), prob,
                                          teacher.language_source(e))
-                    if len(ids) >= limit[i] and (limit[i] < teacher.max_new or looped(teacher, ids)):
+                    if ran_away(teacher, ids, limit[i]):
                         rows[i] = runaway_row(rows[i], len(ids), item.duration)
             for i, item in enumerate(loaded):
                 if rows[i] is not None:
@@ -1038,7 +1044,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "_Teacher",
                 ids = out["tokens"][i, :n].tolist()
                 # stopped: past its runaway limit, or at the budget with a looping text (never split: a loop
                 # decoded again loops again); at the budget otherwise: too much speech, never a truncated window
-                stopped = limit[i] <= n < teacher.max_new or (n >= teacher.max_new and looped(teacher, ids))
+                stopped = ran_away(teacher, ids, limit[i])
                 if n >= teacher.max_new and not stopped:
                     if len(w.members) > 1:
                         rows += decode_split(dataset, lid, w, a, task)
