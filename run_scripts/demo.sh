@@ -80,22 +80,11 @@ command -v dwjax >/dev/null || { echo "demo.sh: error: dwjax is not installed; r
 mkdir -p "$out"
 shared="$here/../../shared/data"
 if [ -z "${REAL_EVAL+set}" ] && [ -f "$shared/real/manifest.tsv" ]; then
-  # held-out real read speech with transcripts (../shared/data: all of dctts, the 10 % hash split of kathleen)
-  python3 - "$shared" "$out/real" <<'PY'
-import csv, hashlib, json, os, sys
-shared, out = sys.argv[1], sys.argv[2]
-os.makedirs(out, exist_ok=True)
-with open(os.path.join(shared, "real", "manifest.tsv"), newline="", encoding="utf-8") as f:
-    rows = list(csv.DictReader(f, delimiter="\t"))
-sets = {"dctts": lambda r: True,
-        "kathleen": lambda r: int(hashlib.sha256(r["id"].encode()).hexdigest(), 16) % 100 < 10}
-for name, held in sets.items():
-    with open(os.path.join(out, f"{name}-heldout.jsonl"), "w", encoding="utf-8") as g:
-        for r in rows:
-            if r["path"].split("/")[-2] == name and held(r):
-                g.write(json.dumps({"id": r["id"], "audio": os.path.abspath(os.path.join(shared, r["path"])),
-                                    "text": r["transcript"], "duration_s": float(r["duration_s"])}) + "\n")
-PY
+  # held-out real read speech with transcripts (../shared/data: all of dctts, the 10 % hash split of kathleen;
+  # the same split as benchmarks/paper_scale.py, whose split_real writes it)
+  python3 -c 'import sys; from pathlib import Path; sys.path.insert(0, sys.argv[1]); import paper_scale as p
+for folder, held in (("dctts", 100), ("kathleen", 10)): p.split_real(Path(sys.argv[2]), folder, Path(sys.argv[3]), held)' \
+    "$here/../benchmarks" "$shared" "$out/real"
   REAL_EVAL="dctts=$out/real/dctts-heldout.jsonl kathleen=$out/real/kathleen-heldout.jsonl"
 fi
 read -r -a real_eval <<< "${REAL_EVAL:-}"
