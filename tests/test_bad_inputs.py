@@ -172,7 +172,7 @@ def test_pseudo_label_silence_is_no_speech_without_a_label(corpus, tmp_path, cap
 
 
 def test_whisper_no_speech_rule():
-    from dwjax.pseudo_label import no_speech_status
+    from dwjax.pseudo_label.rows import no_speech_status
     assert no_speech_status(3.0, 0.87, -1.5).startswith("no speech: teacher no-speech probability 0.87")
     assert no_speech_status(3.0, 0.87, -0.4) is None      # confident decoding: speech (Whisper's rule)
     assert no_speech_status(3.0, 0.20, -1.5) is None

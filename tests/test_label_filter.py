@@ -20,7 +20,8 @@ from dwjax import config as C
 from dwjax.data.label_filter import REASONS, LabelFilter, format_counts, judge
 from dwjax.data.loader import read_labelled
 from dwjax.errors import ConfigError, UserError
-from dwjax.pseudo_label import SCHEMA, compression_ratio, row_wer
+from dwjax.pseudo_label import SCHEMA
+from dwjax.pseudo_label.rows import compression_ratio, row_wer
 
 GOOD = dict(avg_logprob=-0.3, compression_ratio=1.5, no_speech_prob=0.1)
 BAD = dict(avg_logprob=-3.0, compression_ratio=3.0, no_speech_prob=0.9)

@@ -139,9 +139,10 @@ def test_teacher_language_checks_base(tmp_path):
     from dwjax.data.manifest import Example
     from dwjax.mesh import make_mesh
     from dwjax.config import MeshConfig
-    from dwjax.pseudo_label import LabelOptions, _Teacher
+    from dwjax.pseudo_label import LabelOptions
+    from dwjax.pseudo_label.teacher import Teacher
     mesh = make_mesh(MeshConfig(data=-1, fsdp=1, tensor=1, dcn_data=1), jax.devices()[:1])
-    t = _Teacher(LabelOptions(teacher="builtin:whisper-base", output=str(tmp_path)), mesh)
+    t = Teacher(LabelOptions(teacher="builtin:whisper-base", output=str(tmp_path)), mesh)
     assert t.language_id(Example("a", language="de")) == t.tok.languages["de"]
     assert t.language_id(Example("a", language="French")) == t.tok.languages["fr"]
     assert t.language_id(Example("a")) == -1
@@ -157,7 +158,7 @@ def test_teacher_language_checks_base(tmp_path):
 
 
 def test_row_wer_uses_the_rows_language():
-    from dwjax.pseudo_label import row_metric, row_wer
+    from dwjax.pseudo_label.rows import row_metric, row_wer
     assert row_wer("今日は晴れです", "今日は雨です", "ja") == pytest.approx(2 / 7)            # CER
     assert row_wer("Über den Fluß!", "über den fluss", "de") == pytest.approx(1 / 3)         # basic normaliser
     assert row_wer("Mr. Smith", "mister smith", "en") == 0.0                                  # English normaliser

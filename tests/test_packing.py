@@ -141,7 +141,8 @@ def test_pack_edge_cases():
 
 def test_other_packing_options_are_refused(tmp_path):
     from dwjax.errors import UserError
-    from dwjax.pseudo_label import OPTIONS_FILE, LabelOptions, _check_options
+    from dwjax.pseudo_label import LabelOptions
+    from dwjax.pseudo_label.store import OPTIONS_FILE, _check_options
     opts = LabelOptions(teacher=TEACHER, output=str(tmp_path))
     old = {k: v for k, v in opts.fixed().items() if not k.startswith("pack")}     # a run before --pack existed
     (tmp_path / OPTIONS_FILE).write_text(json.dumps(old))

@@ -146,7 +146,8 @@ def test_kill_then_resume_equals_uninterrupted(corpus, one_process):
 
 def test_long_audio_and_unreadable_rows_do_not_stop_a_run(corpus, tmp_path):
     """A 3-minute file is labelled with the long-form decoder where one exists, else recorded as too long."""
-    from dwjax.pseudo_label import LabelOptions, _long_form, label_datasets
+    from dwjax.pseudo_label import LabelOptions, label_datasets
+    from dwjax.pseudo_label.teacher import _long_form
     gap = np.zeros(16000 * 2, np.float32)
     speech = np.concatenate([np.concatenate([a, gap]) for _, a in corpus["clips"]])
     long_audio = np.tile(speech, int(np.ceil(180 * 16000 / len(speech))))[: 180 * 16000]
@@ -179,8 +180,8 @@ def test_runaway_stop_ends_looping_rows_at_their_limit(tmp_path):
 
     import jax
 
-    from dwjax.pseudo_label import (RUNAWAY_MARGIN, RUNAWAY_TOKENS_PER_S, LabelOptions, is_failure, label_datasets,
-                                    status_kind)
+    from dwjax.pseudo_label import LabelOptions, is_failure, label_datasets, status_kind
+    from dwjax.pseudo_label.rows import RUNAWAY_MARGIN, RUNAWAY_TOKENS_PER_S
     from dwjax.weights.loading import load_model
     from tests.test_byte_audio import _waveform
     from tests.test_distill import TOKENIZER_SOURCE, save_steered_teacher

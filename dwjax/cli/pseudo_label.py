@@ -8,7 +8,8 @@
 --pack labels windows of <= 30 s packed from consecutive clips of one speaker (the manifest's `speaker` column;
 otherwise in order), with timestamps: one row per window, its member clips, their offsets and durations in the
 JSON column `members`, the references joined and the WER of the window's label against them (see
-dwjax/pseudo_label.py). Unreadable, silent and over-30-s clips keep rows of their own; their neighbours are packed.
+dwjax/pseudo_label/__init__.py). Unreadable, silent and over-30-s clips keep rows of their own; their neighbours
+are packed.
 
 Multi-process (one process per host, or N local CPU processes): set JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES
 and JAX_PROCESS_ID (or run under SLURM / on a TPU pod) and start the same command everywhere; every process must

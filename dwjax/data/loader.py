@@ -193,7 +193,7 @@ def _plain_tokens(tok, tokens: list[int]) -> list[int]:
     return tok.encode(" " + text) if text else []
 
 
-#: columns `read_labelled` needs (dwjax/pseudo_label.py writes these and more)
+#: columns `read_labelled` needs (the pseudo-labeller writes these and more: SCHEMA in dwjax/pseudo_label/store.py)
 REQUIRED_COLUMNS = ("id", "audio", "token_ids")
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt")
 

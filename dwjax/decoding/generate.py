@@ -80,7 +80,7 @@ def decode_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_n
     `active` (b,) bool: rows where it is False (a batch's padding) count as done from the start (EOT only), so
     they never keep the loop going. `limit` (b,) int: a row is done once it has generated that many tokens (its
     remaining positions EOT; it ends without an EOT of its own, like a row that reaches max_new_tokens): the
-    pseudo-labeller's runaway stop (dwjax/pseudo_label.py, runaway_limit); rows that end earlier are unchanged."""
+    pseudo-labeller's runaway stop (dwjax/pseudo_label/rows.py, runaway_limit); rows that end earlier are unchanged."""
     b, p = prompt.shape
     rng = jax.random.PRNGKey(0) if rng is None else rng
     params = unstack_decoder(params)          # per-layer weights sliced once, outside the loop
