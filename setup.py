@@ -30,7 +30,7 @@ setup(
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "pyarrow>=15",
-        "regex>=2023",
+        "tiktoken>=0.7",             # the tokenizer's BPE core (dwjax/text/tokenizer.py)
         "matplotlib>=3.8",
         "tokenizers>=0.15",          # tokenizer.json of the hf and ctranslate2 exports
         "propack>=0.3",              # RNC unpacking for `dwjax get-game-speech` (Beneath a Steel Sky)
@@ -50,7 +50,6 @@ setup(
             "pytest>=8",
             "torch==2.13.0",
             "transformers>=5",
-            "tiktoken>=0.7",
             "faster-whisper>=1.1",
             "ctranslate2>=4.5",
             "datasets>=3",

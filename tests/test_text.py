@@ -15,6 +15,7 @@ import pytest
 from dwjax.errors import ConfigError, WeightsError
 from dwjax.text.normalizer import normalize_basic, normalize_english
 from dwjax.text.tokenizer import PRETOKENIZE_PATTERN, WhisperTokenizer
+from dwjax.weights.tokenizer_files import write_hf_files, write_vocabulary
 from dwjax.text.wer import error_rates, repeated_ngrams, wer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -342,7 +343,7 @@ def test_missing_timestamps_are_added(tmp_path):
 
 def test_save_roundtrip(tmp_path, kind):
     tok = _tokenizer(kind)
-    path = tok.save(tmp_path)
+    path = write_vocabulary(tok, tmp_path)
     again = WhisperTokenizer.from_vocabulary(path)
     assert [again.id_to_token(i) for i in range(again.vocab_size)] == [tok.id_to_token(i) for i in range(tok.vocab_size)]
     if os.path.isfile(REAL_VOCABS[kind]):
@@ -353,7 +354,7 @@ def test_save_roundtrip(tmp_path, kind):
 def test_hf_files_load_in_transformers(tmp_path, kind):
     transformers = _require("transformers")
     tok = _tokenizer(kind)
-    out = tok.to_hf_files(tmp_path)
+    out = write_hf_files(tok, tmp_path)
     hf = transformers.WhisperTokenizer.from_pretrained(out)
     for s in _sentences(100):
         if "<|" in s:  # transformers parses special-token text; we encode it as text

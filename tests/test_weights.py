@@ -13,6 +13,7 @@ from dwjax.models.configs import WhisperConfig
 from dwjax.models.whisper import init_params
 from dwjax.weights import ctranslate2, names
 from dwjax.weights.loading import load_model
+from dwjax.weights.tokenizer_files import write_vocabulary
 
 CFG = WhisperConfig(n_mels=80, n_audio_ctx=8, n_text_ctx=16, d_model=32, encoder_layers=2, decoder_layers=3,
                     encoder_heads=2, decoder_heads=4, ffn_dim=64, vocab_size=51865)
@@ -104,7 +105,7 @@ def ct2_dir(tmp_path_factory, params):
     tensors["decoder/num_heads"] = np.asarray(CFG.decoder_heads, np.int8)
     ctranslate2.write_model_bin(d / "model.bin", "WhisperSpec", tensors)
     (d / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [220, 50257]}))
-    base.tokenizer.save(d)
+    write_vocabulary(base.tokenizer, d)
     assert (d / "vocabulary.txt").exists() or (d / "vocabulary.json").exists()
     return d
 

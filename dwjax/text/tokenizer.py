@@ -4,10 +4,11 @@ The vocabulary comes from a CTranslate2 ``vocabulary.txt`` (one token per line, 
 token written with GPT-2's byte-to-unicode mapping) or from a transformers directory
 (``vocab.json`` + ``added_tokens.json`` / ``tokenizer.json``).
 
-Encoding follows tiktoken: the text is split by GPT-2's pre-tokenisation regex; a piece that is a
-token is that token, otherwise its bytes are merged pairwise, always merging the adjacent pair
-whose concatenation is the token with the lowest id (the id *is* the merge rank; leftmost on
-ties), until no adjacent concatenation is a token.
+Encoding is tiktoken's: the vocabulary's byte tokens, in id order, are its mergeable ranks (the id
+*is* the merge rank) and GPT-2's pre-tokenisation regex its pattern, exactly how OpenAI's whisper
+builds its encodings; this module adds the Whisper layer (special, language and timestamp tokens,
+prompts, timestamp decoding). The file writers (vocabulary.txt, transformers' files with merges
+derived from the ranks) are in dwjax/weights/tokenizer_files.py.
 
 Ids ``< eot`` are ordinary (byte) tokens; ``eot`` (``<|endoftext|>``) and everything after it
 are special: ``<|startoftranscript|>``, the language tokens, ``<|translate|>``,
@@ -26,10 +27,7 @@ from typing import Iterable, Sequence
 
 from dwjax.errors import ConfigError, WeightsError
 
-try:  # the `regex` module knows \p{L} / \p{N}; `re` does not
-    import regex as _regex
-except ImportError:  # pragma: no cover - regex is a declared dependency
-    _regex = None
+import tiktoken
 
 # OpenAI's language codes, in token order (the first 99 are in every Whisper vocabulary; "yue"
 # only in large-v3 and later), and their English names.
@@ -193,11 +191,8 @@ class WhisperTokenizer:
                 langs[code] = i
         self._languages = langs
 
-        if _regex is not None:
-            self._pattern = _regex.compile(PRETOKENIZE_PATTERN)
-        else:  # pragma: no cover
-            raise ImportError("dwjax's tokenizer needs the `regex` package: pip install regex")
-        self._cache: dict[bytes, tuple[int, ...]] = {}
+        self._bpe = tiktoken.Encoding(name="whisper", pat_str=PRETOKENIZE_PATTERN, mergeable_ranks=self._ranks,
+                                      special_tokens={})
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -390,51 +385,8 @@ class WhisperTokenizer:
             raise ValueError(f"token id {token_id} is outside the vocabulary (0..{len(self._tokens) - 1})")
 
     # ------------------------------------------------------------------ encoding
-    def _merge(self, piece: bytes, stop_at: int | None = None) -> list[bytes]:
-        """Rank-ordered pair merging of ``piece``'s bytes (tiktoken's algorithm).
-
-        With ``stop_at``, stop before producing a part of length ``stop_at`` (used to find the
-        last merge of a whole token).
-        """
-        ranks = self._ranks
-        parts = [piece[i : i + 1] for i in range(len(piece))]
-        while len(parts) > 1:
-            best = None
-            best_i = -1
-            for i in range(len(parts) - 1):
-                r = ranks.get(parts[i] + parts[i + 1])
-                if r is not None and (best is None or r < best):
-                    best, best_i = r, i
-            if best is None:
-                break
-            if stop_at is not None and len(parts[best_i]) + len(parts[best_i + 1]) == stop_at:
-                break
-            parts[best_i : best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-        return parts
-
-    def _encode_piece(self, piece: bytes) -> tuple[int, ...]:
-        cached = self._cache.get(piece)
-        if cached is not None:
-            return cached
-        r = self._ranks.get(piece)
-        if r is not None:
-            ids: tuple[int, ...] = (r,)
-        else:
-            ids = tuple(self._ranks[p] for p in self._merge(piece))
-        if len(self._cache) > 200_000:
-            self._cache.clear()
-        self._cache[piece] = ids
-        return ids
-
     def _encode_ordinary(self, text: str) -> list[int]:
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates: replace them, as tiktoken does
-            text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-        out: list[int] = []
-        for m in self._pattern.finditer(text):
-            out.extend(self._encode_piece(m.group().encode("utf-8")))
-        return out
+        return self._bpe.encode_ordinary(text)   # lone surrogates are replaced, as OpenAI's whisper does
 
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``, without any special tokens added.
@@ -545,77 +497,15 @@ class WhisperTokenizer:
                     result.add(ids[0])
         return sorted(result)
 
-    # ------------------------------------------------------------------ writing
-    def save(self, directory: str | os.PathLike) -> str:
-        """Write ``vocabulary.txt`` (every token, timestamps included) into ``directory``; returns its path."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        path = os.path.join(directory, "vocabulary.txt")
-        with open(path, "w", encoding="utf-8", newline="\n") as f:
-            f.write("\n".join(self._tokens) + "\n")
-        return path
+    @property
+    def tokens(self) -> list[str]:
+        """Every token string in id order (byte tokens in GPT-2's byte-to-unicode form, then the specials)."""
+        return list(self._tokens)
 
-    def merges(self) -> list[tuple[str, str]]:
-        """GPT-2 style merges derived from the ranks, in rank order.
-
-        For every ordinary token of two or more bytes: the pair of tokens that rank-ordered merging
-        of its bytes joins last. (When that merging cannot reach the token, the split into two
-        tokens whose larger id is smallest is used.)
-        """
-        out: list[tuple[str, str]] = []
-        for rank, tok in enumerate(self._mergeable):
-            if len(tok) < 2:
-                continue
-            parts = self._merge(tok, stop_at=len(tok))
-            if len(parts) != 2:
-                best = None
-                for k in range(1, len(tok)):
-                    a, b = self._ranks.get(tok[:k]), self._ranks.get(tok[k:])
-                    if a is not None and b is not None and (best is None or max(a, b) < best[0]):
-                        best = (max(a, b), k)
-                if best is None:
-                    continue
-                parts = [tok[: best[1]], tok[best[1] :]]
-            out.append((_bytes_token(parts[0]), _bytes_token(parts[1])))
-        return out
-
-    def to_hf_files(self, directory: str | os.PathLike) -> str:
-        """Write transformers' Whisper tokenizer files (vocab.json, merges.txt, added_tokens.json,
-        special_tokens_map.json, tokenizer_config.json) into ``directory``; returns it."""
-        directory = os.fspath(directory)
-        os.makedirs(directory, exist_ok=True)
-        vocab = {self._tokens[i]: i for i in range(self._eot)}
-        with open(os.path.join(directory, "vocab.json"), "w", encoding="utf-8") as f:
-            json.dump(vocab, f, ensure_ascii=False)
-        with open(os.path.join(directory, "merges.txt"), "w", encoding="utf-8", newline="\n") as f:
-            f.write("#version: 0.2\n")
-            for a, b in self.merges():
-                f.write(f"{a} {b}\n")
-        added = {self._tokens[i]: i for i in range(self._eot, len(self._tokens))}
-        with open(os.path.join(directory, "added_tokens.json"), "w", encoding="utf-8") as f:
-            json.dump(added, f, ensure_ascii=False, indent=1)
-        eot = "<|endoftext|>"
-        specials = [self._tokens[i] for i in range(self._eot + 1, self._timestamp_begin)]
-        with open(os.path.join(directory, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-            json.dump(
-                {"bos_token": eot, "eos_token": eot, "unk_token": eot, "pad_token": eot, "additional_special_tokens": specials},
-                f, ensure_ascii=False, indent=1,
-            )
-        config = {
-            "tokenizer_class": "WhisperTokenizer",
-            "add_prefix_space": False,
-            "bos_token": eot,
-            "eos_token": eot,
-            "unk_token": eot,
-            "pad_token": eot,
-            "additional_special_tokens": specials,
-            "errors": "replace",
-            "model_max_length": 1024,
-            "clean_up_tokenization_spaces": False,
-        }
-        with open(os.path.join(directory, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-            json.dump(config, f, ensure_ascii=False, indent=1)
-        return directory
+    @property
+    def ranks(self) -> dict[bytes, int]:
+        """The byte tokens' merge ranks (= ids), tiktoken's mergeable_ranks."""
+        return self._ranks
 
     def __repr__(self) -> str:
         kind = "multilingual" if self.is_multilingual else "English-only"

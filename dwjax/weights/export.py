@@ -45,6 +45,7 @@ from dwjax.errors import UserError, WeightsError
 from dwjax.models.configs import WhisperConfig
 from dwjax.weights import ctranslate2, integrity, names
 from dwjax.weights.loading import LoadedModel, load_model
+from dwjax.weights.tokenizer_files import bpe_merges, write_hf_files, write_vocabulary
 
 FORMATS = ("hf", "ctranslate2", "openai")
 WEIGHT_FILE = {"hf": "model.safetensors", "ctranslate2": "model.bin", "openai": "model.pt"}
@@ -110,7 +111,7 @@ def write_tokenizer_json(tokenizer, directory) -> Path:
         raise WeightsError("writing tokenizer.json needs the tokenizers package: pip install tokenizers") from None
     eot = tokenizer.eot
     vocab = {tokenizer.id_to_token(i): i for i in range(eot)}
-    bpe = models.BPE(vocab=vocab, merges=[tuple(m) for m in tokenizer.merges()])
+    bpe = models.BPE(vocab=vocab, merges=bpe_merges(tokenizer))
     tk = Tokenizer(bpe)
     tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tk.decoder = decoders.ByteLevel()
@@ -212,7 +213,7 @@ def write_hf(model: LoadedModel, directory: Path, dtype: str = "float32", decode
     _write_json(directory / "config.json", hf_config(model, dtype, decoder_only))
     _write_json(directory / "generation_config.json", hf_generation_config(model))
     _write_json(directory / "preprocessor_config.json", hf_preprocessor_config(model.cfg))
-    model.tokenizer.to_hf_files(directory)
+    write_hf_files(model.tokenizer, directory)
     write_tokenizer_json(model.tokenizer, directory)
 
 
@@ -243,7 +244,7 @@ def write_ct2(model: LoadedModel, directory: Path, dtype: str = "float32") -> No
     ctranslate2.write_model_bin(directory / "model.bin", "WhisperSpec", ct2_variables(model, dtype),
                                 revision=CT2_REVISION, aliases=CT2_ALIASES)
     _write_json(directory / "config.json", _generation_for_ct2(model))
-    model.tokenizer.save(directory)
+    write_vocabulary(model.tokenizer, directory)
     write_tokenizer_json(model.tokenizer, directory)
 
 
@@ -265,7 +266,7 @@ def write_openai(model: LoadedModel, directory: Path, dtype: str = "float32") ->
     tensors = names.from_dwjax(model.params, model.cfg, "openai", DTYPES[dtype])
     state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in tensors.items()}
     torch.save({"dims": openai_dims(model.cfg), "model_state_dict": state}, directory / "model.pt")
-    model.tokenizer.save(directory)
+    write_vocabulary(model.tokenizer, directory)
 
 
 # ------------------------------------------------------------------------------------------------ the export

