@@ -25,12 +25,12 @@ the row's `audio` (a path) is null and `audio_bytes` holds the encoded file as i
 each member's file in member order (null for a member read from a path). Both are null for audio read from a path,
 and absent from labels of older versions.
 
-Rows that cannot be labelled (missing / corrupt / truncated / empty audio, over 30 s without a long-form decoder,
-an unknown language) are written with `status` = the reason and no label; `status == "ok"` marks a label. Each is
-named on stderr as it is written; the run goes on, and `dwjax pseudo-label` exits 1 at the end when the output
-holds any such failed row. Rows without speech get status "no speech: <why>" and no label either (a teacher
-labels digital silence "you"; on data without references that label would reach training): audio whose peak
-amplitude is below `dwjax.audio.SILENCE_PEAK` (never decoded), or a <= 30 s clip whose teacher no-speech
+Rows that cannot be labelled (missing / corrupt / truncated / empty audio, a clip over 30 s whose long-form
+decoding failed, an unknown language) are written with `status` = the reason and no label; `status == "ok"` marks
+a label. Each is named on stderr as it is written; the run goes on, and `dwjax pseudo-label` exits 1 at the end
+when the output holds any such failed row. Rows without speech get status "no speech: <why>" and no label either
+(a teacher labels digital silence "you"; on data without references that label would reach training): audio whose
+peak amplitude is below `dwjax.audio.SILENCE_PEAK` (never decoded), or a <= 30 s clip whose teacher no-speech
 probability is above NO_SPEECH_THRESHOLD while its average log-probability is below LOGPROB_THRESHOLD (Whisper's
 own rule for skipping a silent window). No-speech rows are not failures: the summary counts them apart. `wer` is the
 fraction (not %) of word errors of the label against the reference, both normalised with `normalize_english`;

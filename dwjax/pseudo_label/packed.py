@@ -20,7 +20,8 @@ from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _Loaded, _report_failure, _speech_seconds,
                                      _transcript_row, is_failure, looped, ran_away, runaway_row)
 from dwjax.pseudo_label.store import _next_part_index, _write_part
-from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber, _long_form
+from dwjax.decoding.longform import transcribe_long
+from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber
 
 #: per-process counts summed over processes at the end of a run (the first four for every run, the rest --pack)
 _TOTALS = ("audio_s", "rows", "ok", "failed", "windows", "packed_clips", "token_limit_splits",
@@ -265,11 +266,7 @@ def _local_decode(teacher: "Teacher", opts: LabelOptions, cache: dict, audio: np
 
 
 def _long_row(teacher: "Teacher", opts: LabelOptions, item: _Loaded, cache: dict) -> dict:
-    """The row of a clip over 30 s: long-form decoding where installed, else the reason it has no label."""
-    transcribe_long = _long_form()
-    if transcribe_long is None:
-        reason = f"longer than 30 s: {item.duration:.1f} s, no long-form decoder (dwjax.decoding.longform)"
-        return _base_row(item.example, item.duration, reason)
+    """The row of a clip over 30 s: its long-form decoding, or the reason that failed."""
     tr = _local_transcriber(teacher, opts, cache)
     e = item.example
     lid = teacher.language_id(e)

@@ -17,7 +17,8 @@ from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _report_failure, _transcript_row, is_failure,
                                      ran_away, runaway_row)
 from dwjax.pseudo_label.store import _next_part_index, _write_part
-from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber, _long_form
+from dwjax.decoding.longform import transcribe_long
+from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber
 
 
 def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher", output: Path, proc: int,
@@ -102,22 +103,17 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
                 if rows[i] is not None:
                     continue
                 if item.status == "long":
-                    transcribe_long = _long_form()
-                    if transcribe_long is None:
-                        reason = f"longer than 30 s: {item.duration:.1f} s, no long-form decoder (dwjax.decoding.longform)"
-                        rows[i] = _base_row(item.example, item.duration, reason)
-                    else:
-                        tr = _local_transcriber(teacher, opts, local_cache)
-                        e = item.example
-                        lid = teacher.language_id(e)
-                        language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
-                        try:
-                            t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
-                            rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
-                                                      teacher.language_source(e))
-                        except Exception as err:  # a row must never stop the run
-                            rows[i] = _base_row(item.example, item.duration,
-                                                f"long-form decoding failed: {type(err).__name__}: {err}")
+                    tr = _local_transcriber(teacher, opts, local_cache)
+                    e = item.example
+                    lid = teacher.language_id(e)
+                    language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
+                    try:
+                        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
+                        rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
+                                                  teacher.language_source(e))
+                    except Exception as err:  # a row must never stop the run
+                        rows[i] = _base_row(item.example, item.duration,
+                                            f"long-form decoding failed: {type(err).__name__}: {err}")
                 else:
                     rows[i] = _base_row(item.example, item.duration, item.status)
             for r in rows:

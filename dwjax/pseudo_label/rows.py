@@ -20,8 +20,8 @@ if TYPE_CHECKING:
     from dwjax.pseudo_label.teacher import Teacher
 
 #: the kinds of rows that get no label because something failed (the part of `status` before the first ":")
-FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "longer than 30 s", "unknown language",
-                 "unsupported language", "mixed scripts", "long-form decoding failed")
+FAILURE_KINDS = ("missing audio", "empty audio", "unreadable audio", "unknown language", "unsupported language",
+                 "mixed scripts", "long-form decoding failed")
 #: failure kinds decided by a (dataset, language) pair: reported once per pair, not once per row
 LANGUAGE_KINDS = ("unknown language", "unsupported language")
 #: the kind of rows that get no label because they hold no speech (not a failure)

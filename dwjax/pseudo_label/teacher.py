@@ -9,6 +9,7 @@ import numpy as np
 
 from dwjax.audio import N_SAMPLES
 from dwjax.data.manifest import Example
+from dwjax.decoding.longform import transcribe_long
 from dwjax.errors import ConfigError, UserError
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import runaway_limit
@@ -241,15 +242,6 @@ def _local_transcriber(teacher: "Teacher", opts: LabelOptions, cache: dict):
         cache["transcriber"] = Transcriber(teacher.loaded, dtype=opts.dtype, batch_size=max(1, opts.batch_size),
                                            scan_layers=opts.scan_layers)
     return cache["transcriber"]
-
-
-def _long_form():
-    """`dwjax.decoding.longform.transcribe_long`, or None where no long-form decoder is installed."""
-    try:
-        from dwjax.decoding.longform import transcribe_long
-    except ImportError:
-        return None
-    return transcribe_long
 
 
 def _decode_kw(opts: LabelOptions, language: Optional[str], task: Optional[str] = None) -> dict:
