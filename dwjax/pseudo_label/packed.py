@@ -18,10 +18,9 @@ from dwjax.data.manifest import Example
 from dwjax.errors import AudioError
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _Loaded, _report_failure, _speech_seconds,
-                                     _transcript_row, is_failure, looped, ran_away, runaway_row)
+                                     is_failure, looped, ran_away, runaway_row)
 from dwjax.pseudo_label.store import _next_part_index, _write_part
-from dwjax.decoding.longform import transcribe_long
-from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber
+from dwjax.pseudo_label.teacher import Teacher, _local_transcriber, _long_row
 
 #: per-process counts summed over processes at the end of a run (the first four for every run, the rest --pack)
 _TOTALS = ("audio_s", "rows", "ok", "failed", "windows", "packed_clips", "token_limit_splits",
@@ -264,15 +263,3 @@ def _local_decode(teacher: "Teacher", opts: LabelOptions, cache: dict, audio: np
                             max_new_tokens=teacher.max_new)[0]
     return list(t.tokens), float(t.avg_logprob), float(t.no_speech_prob), len(t.tokens) >= teacher.max_new, t.language
 
-
-def _long_row(teacher: "Teacher", opts: LabelOptions, item: _Loaded, cache: dict) -> dict:
-    """The row of a clip over 30 s: its long-form decoding, or the reason that failed."""
-    tr = _local_transcriber(teacher, opts, cache)
-    e = item.example
-    lid = teacher.language_id(e)
-    language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
-    try:
-        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
-        return _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e), teacher.language_source(e))
-    except Exception as err:  # a row must never stop the run
-        return _base_row(item.example, item.duration, f"long-form decoding failed: {type(err).__name__}: {err}")

@@ -17,8 +17,7 @@ from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _report_failure, _transcript_row, is_failure,
                                      ran_away, runaway_row)
 from dwjax.pseudo_label.store import _next_part_index, _write_part
-from dwjax.decoding.longform import transcribe_long
-from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber
+from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber, _long_row
 
 
 def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher", output: Path, proc: int,
@@ -103,17 +102,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
                 if rows[i] is not None:
                     continue
                 if item.status == "long":
-                    tr = _local_transcriber(teacher, opts, local_cache)
-                    e = item.example
-                    lid = teacher.language_id(e)
-                    language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
-                    try:
-                        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
-                        rows[i] = _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e),
-                                                  teacher.language_source(e))
-                    except Exception as err:  # a row must never stop the run
-                        rows[i] = _base_row(item.example, item.duration,
-                                            f"long-form decoding failed: {type(err).__name__}: {err}")
+                    rows[i] = _long_row(teacher, opts, item, local_cache)
                 else:
                     rows[i] = _base_row(item.example, item.duration, item.status)
             for r in rows:

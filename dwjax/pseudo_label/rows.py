@@ -163,7 +163,8 @@ def _speech_seconds(row: dict) -> float:
 
 def _report_failure(row: dict, bar=None) -> None:
     """One line on stderr naming a row that failed (above the progress bar when there is one). Rows whose
-    language cannot be used are not named one by one: `_report_languages` named their (dataset, language)."""
+    language cannot be used are not named one by one: `teacher._check_languages` named their (dataset,
+    language) once."""
     if status_kind(row["status"]) in LANGUAGE_KINDS:
         return
     line = f"dwjax pseudo-label: error: {row['dataset']}/{row['id']}: {row['status']}"

@@ -12,7 +12,7 @@ from dwjax.data.manifest import Example
 from dwjax.decoding.longform import transcribe_long
 from dwjax.errors import ConfigError, UserError
 from dwjax.pseudo_label.options import LabelOptions
-from dwjax.pseudo_label.rows import runaway_limit
+from dwjax.pseudo_label.rows import _base_row, _Loaded, _transcript_row, runaway_limit
 
 
 class Teacher:
@@ -250,3 +250,16 @@ def _decode_kw(opts: LabelOptions, language: Optional[str], task: Optional[str] 
     if opts.num_beams > 1:
         kw["num_beams"] = opts.num_beams
     return kw
+
+
+def _long_row(teacher: "Teacher", opts: LabelOptions, item: _Loaded, cache: dict) -> dict:
+    """The row of a clip over 30 s: its long-form decoding, or the reason that failed."""
+    tr = _local_transcriber(teacher, opts, cache)
+    e = item.example
+    lid = teacher.language_id(e)
+    language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
+    try:
+        t = transcribe_long(tr, item.audio, **_decode_kw(opts, language, teacher.task(e)))
+        return _transcript_row(e, item.duration, t, opts.timestamps, teacher.task(e), teacher.language_source(e))
+    except Exception as err:  # a row must never stop the run
+        return _base_row(item.example, item.duration, f"long-form decoding failed: {type(err).__name__}: {err}")
