@@ -2,8 +2,10 @@
 so the builtin tiny.en tokenizer works) and a 1-layer student, trained on a handful of flite clips whose pseudo-labels
 are written directly as a parquet file.
 
-  * smoke: the loss falls; metrics.jsonl, TensorBoard events, summary.json and a loadable, usable student are
-    written; the WER filter's per-set counts are reported.
+  * smoke: the loss falls; metrics.jsonl, TensorBoard events, summary.json and a student model directory that the
+    Transcriber loads are written; the WER filter's per-set counts are reported.
+  * usable: distilled on the six clips with data.eval = the same clips, the student transcribes them (in-training
+    WER at the end, and the written student's own WER, <= 20 %), where the untrained student's WER is over 100 %.
   * exact resume: N steps, stop (SIGTERM-style, in-process; and a real kill -9 of `python -m dwjax distill`), resume
     for N more == 2N uninterrupted, bitwise, with the same batches (ids) in the same order.
   * topology change: 8 devices then 2 devices == 8 devices throughout, within 1e-5.
@@ -113,8 +115,12 @@ def build_assets(root: Path) -> dict:
                         ("text", pa.string()), ("reference", pa.string()), ("wer", pa.float64()),
                         ("status", pa.string())])
     pq.write_table(pa.Table.from_pylist(rows, schema=schema), root / "labels.parquet")
+    with open(root / "validation.jsonl", "w") as f:          # the clips with their texts, for data.eval
+        for i, (text, path) in enumerate(clips):
+            f.write(json.dumps({"id": f"v{i}", "audio": str(path), "text": text}) + "\n")
     return {"root": root, "teacher": root / "teacher", "student": root / "student-init",
-            "labels": root / "labels.parquet", "clips": clips, "cache": root / "xla-cache"}
+            "labels": root / "labels.parquet", "validation": root / "validation.jsonl", "clips": clips,
+            "cache": root / "xla-cache"}
 
 
 @pytest.fixture(scope="module")
@@ -239,7 +245,7 @@ def _copy_run(src, dst):
 # ----------------------------------------------------------------------------------------------------- tests
 
 
-def test_smoke_loss_falls_outputs_written_student_usable(assets, tmp_path):
+def test_smoke_loss_falls_outputs_written_student_loads(assets, tmp_path):
     from dwjax.audio import load_audio
     from dwjax.cli.distill import main
     from dwjax.decoding.transcribe import Transcriber
@@ -280,6 +286,42 @@ def test_smoke_loss_falls_outputs_written_student_usable(assets, tmp_path):
     np.testing.assert_array_equal(model.params["encoder"]["conv1"]["kernel"], init.params["encoder"]["conv1"]["kernel"])
     result = Transcriber(model, batch_size=1).transcribe([load_audio(assets["clips"][0][1])], max_new_tokens=4)
     assert len(result) == 1 and isinstance(result[0].text, str)
+
+
+#: steps, learning rate and devices (global batch 2: a step is ~4x cheaper than at 8) of the usable-student run; the
+#: whole test measured 49 s on 2 busy CPU cores
+USABLE_STEPS, USABLE_LR, USABLE_DEVICES = 200, 0.01, 2
+
+
+def test_usable_distilled_student_wer_on_its_training_clips(assets, tmp_path):
+    """The teacher is random, so CE on the labels (the references) is what teaches: distilled on the six clips
+    (data.wer_threshold off, so all six train) with data.eval = the same clips, the student memorises them."""
+    from dwjax.audio import load_audio
+    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.text.wer import wer
+    from dwjax.weights.loading import load_model
+    refs = [text for text, _ in assets["clips"]]
+    audio = [load_audio(path) for _, path in assets["clips"]]
+
+    def student_wer(model) -> float:
+        return 100 * wer(refs, [t.text for t in Transcriber(model, batch_size=len(audio)).transcribe(audio)])
+
+    # the untrained student loops ("Carrier Carrier ... ivanivan...") to the token budget: measured 212.9 %
+    untrained = student_wer(load_model(str(assets["student"])))
+    assert untrained > 100, untrained
+    out = tmp_path / "run"
+    summary = run_in_process(assets, out, USABLE_STEPS, devices=jax.devices()[:USABLE_DEVICES], extra=(
+        f"data.eval=[{{name: val, path: {assets['validation']}}}]", "data.wer_threshold=null",
+        f"optim.learning_rate={USABLE_LR}", "train.log_every=20", f"checkpoint.save_every={USABLE_STEPS}"))
+    records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
+    final = [r for r in records if "eval/val/student_wer" in r][-1]
+    assert final["step"] == USABLE_STEPS and summary["eval"]["val/student_wer"] == final["eval/val/student_wer"]
+    # measured at global batch 2, lr 0.01: WER 83.9 % at step 40, 67.7 % at 80, 16.1 % at 120, 0.0 % at 160 (CE
+    # 0.11; another run, whose float noise grows apart from step 40 on, 0.0 % at 160 with CE 0.06) and 0.0 % at 200
+    # (CE 0.055), the length run here: 80 steps past the first evaluation under 20 %
+    assert final["eval/val/student_wer"] <= 20, final
+    # the written student is that model: transcribed here, on its own
+    assert student_wer(load_model(str(out / "student"))) <= 20
 
 
 def test_stop_then_resume_equals_uninterrupted(assets, reference, stopped, tmp_path):
