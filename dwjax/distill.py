@@ -5,6 +5,12 @@
       -> metrics (stdout, JSONL, TensorBoard), evaluation (WER of generated text, KL at T=1), checkpoints
       -> <output_dir>/student: the final student as a dwjax model directory (loadable everywhere).
 
+`run` builds what the loop needs (data, models, the sharded steps, the start state) and hands the loop to
+dwjax/trainer.py's `Trainer` with four hooks, in this order: the batch log (every step), training metrics
+(`_TrainLog`, every train.log_every steps), evaluation (every train.eval_every steps and at the end), checkpoints
+(every step: the Checkpointer saves every checkpoint.save_every steps, at the end and on a stop, ranked by the
+evaluation of that step when there is one).
+
 Start (see dwjax/checkpoint.py): this run's newest complete checkpoint -> checkpoint.init_from -> model.student.
 The data stream is a function of (data.seed, step), so a resumed run sees exactly the batches it would have seen.
 
@@ -35,6 +41,7 @@ from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.flops import peak_flops, train_step_flops
 from dwjax.metrics import MetricsWriter
+from dwjax.trainer import Progress, StepInfo, Trainer
 from dwjax.training_eval import TeacherForced, evaluate_wer, load_eval_sets, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
@@ -119,57 +126,40 @@ def _load(role: str, source: str) -> LoadedModel:
         raise WeightsError(f"model.{role}={source}: a weight file is damaged or truncated ({detail})") from None
 
 
-class _Progress:
-    """The tqdm bar over *finished* steps. A step counts once its loss is on hand: `dispatched` keeps at most one
-    step in flight (it waits for the one before, which the device has usually finished: the host still runs one
-    step ahead), `poll` counts whatever is already done without waiting, `drain` waits for the rest. The postfix
-    shows samples/s and audio-s/s of finished steps over the last `window` (tqdm's own rate is steps/s)."""
+class _TrainLog:
+    """The hook that logs training metrics (every `train.log_every` steps, the run's first and last step): loss, KL,
+    CE, step time, samples/s, tokens/s, speech-s/s and MFU over the steps since the last log; it sees every step
+    to count their FLOPs (by each batch's padded label length) and speech seconds."""
 
-    def __init__(self, bar, samples_per_step: int, audio_scale: float = 1.0, window: int = 20):
-        import collections
-        self.bar, self.samples_per_step, self.audio_scale = bar, samples_per_step, audio_scale
-        self.pending = collections.deque()            # (loss array, audio seconds) of dispatched, uncounted steps
-        self.recent = collections.deque(maxlen=window)  # (finish time, samples, audio seconds)
-        self.info: dict[str, str] = {}
-        self.finished = 0
+    def __init__(self, cfg: Config, logs: MetricsWriter, progress: Progress, summary: dict, flops_of, peak: float,
+                 global_batch: int, n_proc: int, start_step: int):
+        self.cfg, self.logs, self.progress, self.summary = cfg, logs, progress, summary
+        self.flops_of, self.peak, self.global_batch, self.n_proc = flops_of, peak, global_batch, n_proc
+        self.start_step = start_step
+        self.lengths: set[int] = set()
+        self.t_last, self.n_steps, self.flops, self.speech = time.time(), 0, 0.0, 0.0
 
-    def dispatched(self, loss, audio_seconds: float) -> None:
-        self.pending.append((loss, float(audio_seconds) * self.audio_scale))
-        while len(self.pending) > 1:
-            self._finish()
-
-    def poll(self) -> None:
-        while self.pending and _is_ready(self.pending[0][0]):
-            self._finish()
-
-    def drain(self) -> None:
-        while self.pending:
-            self._finish()
-
-    def show(self, **info: str) -> None:
-        self.info.update(info)
-        self.bar.set_postfix(self.info, refresh=False)
-
-    def _finish(self) -> None:
-        loss, audio = self.pending.popleft()
-        jax.block_until_ready(loss)
-        self.recent.append((time.time(), self.samples_per_step, audio))
-        self.finished += 1
-        if len(self.recent) >= 2:                      # rates between finishes (the first step's compile excluded)
-            dt = self.recent[-1][0] - self.recent[0][0]
-            if dt > 0:
-                later = list(self.recent)[1:]
-                self.info["smp/s"] = f"{sum(r[1] for r in later) / dt:.2f}"
-                self.info["audio-s/s"] = f"{sum(r[2] for r in later) / dt:.1f}"
-                self.bar.set_postfix(self.info, refresh=False)
-        self.bar.update(1)
-
-
-def _is_ready(x) -> bool:
-    try:
-        return bool(x.is_ready())
-    except AttributeError:                            # not a jax.Array (a host value): done
-        return True
+    def __call__(self, info: StepInfo) -> None:
+        n_pos = int(info.local["labels"].shape[1])
+        if n_pos not in self.lengths:
+            self.lengths.add(n_pos)
+            self.summary["label_lengths"] = sorted(self.lengths)
+        self.flops += self.flops_of(n_pos)
+        self.speech += float(info.local["audio_seconds"]) * self.n_proc
+        self.n_steps += 1
+        if not (info.step % self.cfg.train.log_every == 0 or info.final or info.step == self.start_step + 1):
+            return
+        m = {k: float(v) for k, v in jax.device_get(info.metrics).items()}
+        dt = (time.time() - self.t_last) / self.n_steps
+        m.update(step_time_s=dt, samples_per_s=self.global_batch / dt, tokens_per_s=m["n_tokens"] / dt,
+                 mfu=self.flops / self.n_steps / dt / self.peak, speech_s_per_s=self.speech / self.n_steps / dt,
+                 label_length=n_pos)
+        self.logs.write(info.step, m, prefix="train/")
+        self.progress.show(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}", step_s=f"{dt:.2f}",
+                           tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
+        self.summary.setdefault("first_loss", m["loss"])
+        self.summary["last_loss"] = m["loss"]
+        self.t_last, self.n_steps, self.flops, self.speech = time.time(), 0, 0.0, 0.0
 
 
 #: per-step ids of the examples each process trained on, in the log directory (one JSON line per step)
@@ -309,94 +299,74 @@ def run(cfg: Config, *, devices=None) -> dict:
         return train_step_flops(teacher.cfg, student.cfg, global_batch, n_positions, with_encoder=cache is None,
                                 frozen=tuple(cfg.optim.frozen))[1]
     peak = peak_flops(devices)
-    lengths_seen: set[int] = set()
-    flops_since = 0.0
-
-    def current_student() -> LoadedModel:
-        params = _host(state.params)
-        return dataclasses.replace(student, params=params)
 
     eval_sets = load_eval_sets(cfg.data.eval, cfg.train.max_eval_samples)     # read once for the whole run
     teacher_forced = TeacherForced(eval_sets, tok, teacher.cfg.n_mels, cfg.train.eval_batch_size * n_dev, steps,
                                    cfg.data.max_label_length, jax.process_index(), n_proc)
 
-    def evaluate(step: int, with_teacher: bool) -> dict:
+    def evaluate(state, step: int, with_teacher: bool) -> dict:
         """WER of greedy generation (the student, and the teacher when asked) and the teacher-forced KL at T = 1
         and CE on every evaluation set (dwjax/training_eval.py)."""
         if not cfg.data.eval:
             return {}
         results = teacher_forced(state.params, teacher_params)
-        results.update(evaluate_wer(current_student(), teacher, eval_sets, cfg.train.eval_batch_size, with_teacher))
+        student_now = dataclasses.replace(student, params=_host(state.params))
+        results.update(evaluate_wer(student_now, teacher, eval_sets, cfg.train.eval_batch_size, with_teacher))
         logs.write(step, results, prefix="eval/")
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results
 
     summary = {"start_step": start_step, "data": counts, "label_lengths": []}
-    last_eval = {}
     bar = tqdm(total=total, initial=start_step, desc="distill", unit="step", disable=not mesh_lib.is_main_process(),
                dynamic_ncols=True)
-    progress = _Progress(bar, global_batch, audio_scale=n_proc)
-    step = start_step
-    t_last, n_steps = time.time(), 0
-    speech_since = 0.0
+    progress = Progress(bar, global_batch, audio_scale=n_proc)
+
+    def to_device(local: dict) -> dict:
+        batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local[k]))
+                 for k in ("decoder_input_ids", "labels", "loss_mask")}
+        if "encoder_out" in local:
+            batch["encoder_out"] = jax.make_array_from_process_local_data(steps.batch_sharding, local["encoder_out"])
+        else:
+            batch["input_features"] = features(local["audio"])
+        return batch
+
+    trainer = Trainer(lambda st, batch: steps.train_step(st, teacher_params, batch), total, progress,
+                      ckpt_lib.should_stop)
+    trainer.add_hook(lambda info: batch_log.write(json.dumps({"step": info.step, "ids": list(info.local["ids"])})
+                                                  + "\n"))
+    trainer.add_hook(_TrainLog(cfg, logs, progress, summary, flops_of, peak, global_batch, n_proc, start_step))
+    last_eval: dict = {}
+    if cfg.data.eval:
+        def eval_hook(info: StepInfo) -> None:
+            nonlocal last_eval
+            info.results["eval"] = last_eval = evaluate(info.state, info.step,
+                                                        with_teacher=not last_eval or info.final)
+        trainer.add_hook(eval_hook, every=cfg.train.eval_every)
+
+    def checkpoint_hook(info: StepInfo) -> None:
+        # only a step evaluated now carries a WER (a later step must not inherit an earlier step's rank)
+        evaluated = info.results.get("eval")
+        checkpointer.save(info.step, info.state, {"step": info.step, "seed": cfg.data.seed,
+                                                  "global_batch": global_batch},
+                          metrics={"wer": mean_student_wer(evaluated)} if evaluated else None,
+                          force=info.stop or info.final)
+        if info.stop:
+            _log(f"stop requested (SIGTERM): checkpoint at step {info.step} written; exiting")
+            summary["preempted_at"] = info.step
+    trainer.add_hook(checkpoint_hook, every=1, on_stop=True)
+
     try:
-        if step < total:
-            for step, local in batches.prefetch(start_step):
-                batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local[k]))
-                         for k in ("decoder_input_ids", "labels", "loss_mask")}
-                if "encoder_out" in local:
-                    batch["encoder_out"] = jax.make_array_from_process_local_data(steps.batch_sharding,
-                                                                                  local["encoder_out"])
-                else:
-                    batch["input_features"] = features(local["audio"])
-                n_pos = int(local["labels"].shape[1])
-                if n_pos not in lengths_seen:
-                    lengths_seen.add(n_pos)
-                    summary["label_lengths"] = sorted(lengths_seen)
-                flops_since += flops_of(n_pos)
-                speech_since += float(local["audio_seconds"]) * n_proc
-                state, metrics = steps.train_step(state, teacher_params, batch)
-                batch_log.write(json.dumps({"step": step + 1, "ids": list(local["ids"])}) + "\n")
-                step += 1
-                n_steps += 1
-                progress.dispatched(metrics["loss"], local["audio_seconds"])
-                if step % cfg.train.log_every == 0 or step == total or step == start_step + 1:
-                    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    dt = (time.time() - t_last) / n_steps
-                    m.update(step_time_s=dt, samples_per_s=global_batch / dt, tokens_per_s=m["n_tokens"] / dt,
-                             mfu=flops_since / n_steps / dt / peak, speech_s_per_s=speech_since / n_steps / dt,
-                             label_length=n_pos)
-                    logs.write(step, m, prefix="train/")
-                    progress.show(loss=f"{m['loss']:.3f}", kl=f"{m['kl']:.3f}", ce=f"{m['ce']:.3f}",
-                                  step_s=f"{dt:.2f}", tok_s=f"{m['tokens_per_s']:.0f}", mfu=f"{m['mfu']:.1%}")
-                    summary.setdefault("first_loss", m["loss"])
-                    summary["last_loss"] = m["loss"]
-                    t_last, n_steps, flops_since, speech_since = time.time(), 0, 0.0, 0.0
-                stop = ckpt_lib.should_stop(step)
-                evaluated = {}
-                if cfg.data.eval and ((cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == total):
-                    evaluated = last_eval = evaluate(step, with_teacher=not last_eval or step == total)
-                # only a step evaluated now carries a WER (a later step must not inherit an earlier step's rank)
-                checkpointer.save(step, state, {"step": step, "seed": cfg.data.seed, "global_batch": global_batch},
-                                  metrics={"wer": mean_student_wer(evaluated)} if evaluated else None,
-                                  force=stop or step == total)
-                progress.poll()
-                if stop:
-                    _log(f"stop requested (SIGTERM): checkpoint at step {step} written; exiting")
-                    summary["preempted_at"] = step
-                    break
-                if step >= total:
-                    break
-            progress.drain()
+        state, last = trainer.run(state, batches.prefetch(start_step), start_step, to_device)
     finally:
         checkpointer.wait_until_finished()
         restore_signals()
         bar.close()
         batch_log.close()
         batches.close()
+    step = last.step if last is not None else start_step
 
     if step >= total:
-        summary["eval"] = last_eval if start_step < total else evaluate(step, with_teacher=True)
+        summary["eval"] = last_eval if start_step < total else evaluate(state, step, with_teacher=True)
         final_params = _host(state.params)            # every process (a collective under multi-process FSDP)
         if mesh_lib.is_main_process():
             final_dir = os.path.join(out_dir, "student")
