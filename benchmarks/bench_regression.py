@@ -280,7 +280,7 @@ def parse_args(argv=None):
         p.error("--base is required")
     if args.repeats < 1 or args.train_steps < 3 or args.transcribe_clips < 1:
         p.error("--repeats >= 1, --train-steps >= 3 and --transcribe-clips >= 1")
-    if args.transcribe_clips > args.clips:
+    if args.transcribe_clips > args.clips and not args.child_transcribe:
         p.error("--transcribe-clips must be <= --clips (they are the first clips of the set)")
     return args
 
