@@ -11,8 +11,11 @@ setup(
     name="dwjax",
     version="0.1.0",
     description="Distil-Whisper in JAX/Flax: pseudo-label, distil, evaluate and export Whisper students",
-    packages=find_packages(include=["dwjax", "dwjax.*"]),
-    package_data={"dwjax": ["defaults/*.yaml", "data/*.tsv"]},
+    # the repository's tpu_configs/ (the one copy) ships inside the package as dwjax/tpu_configs, where
+    # `--topology NAME` finds it in an installed wheel (dwjax/config.py)
+    packages=find_packages(include=["dwjax", "dwjax.*"]) + ["dwjax.tpu_configs"],
+    package_dir={"dwjax.tpu_configs": "tpu_configs"},
+    package_data={"dwjax": ["data/*.tsv"], "dwjax.tpu_configs": ["*.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",
@@ -27,6 +30,7 @@ setup(
         "whisper-normalizer>=0.1.12",
         "safetensors>=0.4",
         "pyyaml>=6",
+        "omegaconf>=2.3",            # the config's merge and type checks (dwjax/config.py)
         "tqdm>=4.66",
         "tensorboardX>=2.6",
         "pyarrow>=15",

@@ -5,7 +5,7 @@
     JAX_PLATFORMS=cpu python benchmarks/bench_accelerator.py --cases train:tiny:2:16,label:tiny:2:8   # smoke test
 
 A case is KIND:SHAPE:BATCH:LENGTH[:xla], each run in its own process so its peak device memory is its own; a
-trailing `:xla` sets DWJAX_ATTENTION=xla (einsum attention instead of cuDNN's fused kernel on GPUs) for an A/B:
+trailing `:xla` sets DWJAX_ATTENTION=einsum (einsum attention instead of cuDNN's fused kernel on GPUs) for an A/B:
   train:SHAPE:B:L   the sharded distillation step of `dwjax distill` (`make_sharded_train_step`): teacher SHAPE
                     (random weights), student = its encoder + 2 maximally spaced decoder layers, B examples per
                     device with L label positions, bf16 compute, fp32 master weights and AdamW state, layers scanned.
@@ -167,11 +167,12 @@ def run_label(shape: str, batch: int, new_tokens: int, steps: int) -> dict:
 def child(case: str, steps: int) -> None:
     import jax.numpy as jnp
 
-    from dwjax.models.whisper import fused_attention_impl
+    from dwjax.models.kernels import Kernels
+    from dwjax.models.whisper import machine_kernels
     kind, shape, batch, length = case.split(":")[:4]
     fn = {"train": run_train, "label": run_label}[kind]
     result = fn(shape, int(batch), int(length), steps)
-    result["attention"] = fused_attention_impl(jnp.bfloat16) or "einsum"
+    result["attention"] = machine_kernels(Kernels(), jnp.bfloat16).attention
     result["case"] = case
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -222,7 +223,7 @@ def main(argv=None) -> None:
             tick(bar, 1, _rate(results[-1]))
             continue
         t0 = time.perf_counter()
-        case_env = dict(env, DWJAX_ATTENTION="xla") if case.endswith(":xla") else env
+        case_env = dict(env, DWJAX_ATTENTION="einsum") if case.endswith(":xla") else env
         proc = subprocess.run([sys.executable, __file__, "--child", case, "--steps", str(args.steps)],
                               env=case_env, capture_output=True, text=True)
         found = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

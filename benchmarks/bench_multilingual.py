@@ -125,7 +125,7 @@ def main(argv=None) -> int:
             f"data.train=[{{name: multilingual, path: {out / 'labels'}}}]", f"run.output_dir={out / 'distill'}",
             f"optim.total_steps={args.steps}", f"optim.warmup_steps={max(1, args.steps // 10)}",
             f"optim.learning_rate={args.lr}", f"train.per_device_batch_size={args.batch}", "train.log_every=10",
-            "train.eval_every=0", f"checkpoint.save_every={args.steps}", "data.timestamp_probability=0.0",
+            "eval.every=0", f"checkpoint.save_every={args.steps}", "data.timestamp_probability=0.0",
             f"data.wer_threshold={args.wer_threshold}",
             f"train.encoder_cache={out / 'encoder-cache'}"], log)
     student = str(out / "distill" / "student")

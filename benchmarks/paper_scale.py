@@ -123,8 +123,8 @@ def distill(out: Path, teacher: str, student_init: Path, train_sets: list[tuple[
     sh("distill", f"model.teacher={teacher}", f"model.student={student_init}", f"data.train=[{train}]",
        f"data.eval=[{evals}]", f"run.output_dir={out}", f"optim.total_steps={steps}",
        f"optim.warmup_steps={max(1, steps // 20)}", f"optim.learning_rate={lr}",
-       f"train.per_device_batch_size={batch}", f"train.eval_every={eval_every}",
-       f"train.max_eval_samples={curve_samples}", "train.log_every=10", f"checkpoint.save_every={eval_every}",
+       f"train.per_device_batch_size={batch}", f"eval.every={eval_every}",
+       f"eval.max_samples={curve_samples}", "train.log_every=10", f"checkpoint.save_every={eval_every}",
        f"train.encoder_cache={cache}", "data.timestamp_probability=0.5", "data.prev_context_probability=0.2",
        *extra)
     return student

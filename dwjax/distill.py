@@ -7,7 +7,7 @@
 
 `run` builds what the loop needs (data, models, the sharded steps, the start state) and hands the loop to
 dwjax/trainer.py's `Trainer` with four hooks, in this order: the batch log (every step), training metrics
-(`_TrainLog`, every train.log_every steps), evaluation (every train.eval_every steps and at the end), checkpoints
+(`_TrainLog`, every train.log_every steps), evaluation (every eval.every steps and at the end), checkpoints
 (every step: the Checkpointer saves every checkpoint.save_every steps, at the end and on a stop, ranked by the
 evaluation of that step when there is one).
 
@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dwjax import checkpoint as ckpt_lib
 from dwjax import mesh as mesh_lib
 from dwjax.audio import log_mel_spectrogram
-from dwjax.config import Config, to_dict, to_yaml, validate_for_devices
+from dwjax.config import Config, to_dict, to_yaml
 from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
 from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
@@ -180,7 +180,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         if jax.process_count() > 1:
             raise UserError("run(devices=...) is for single-process runs")
     n_dev, n_proc = (len(devices) if devices is not None else jax.device_count()), jax.process_count()
-    shape = validate_for_devices(cfg, n_dev, n_proc)
+    shape = mesh_lib.validate_for_devices(cfg, n_dev, n_proc)
     mesh = mesh_lib.make_mesh(cfg.mesh, devices)
     ckpt_lib.reset_stop()          # a stop requested in an earlier run of this process does not carry over
     out_dir = cfg.run.output_dir
@@ -300,8 +300,8 @@ def run(cfg: Config, *, devices=None) -> dict:
                                 frozen=tuple(cfg.optim.frozen))[1]
     peak = peak_flops(devices)
 
-    eval_sets = load_eval_sets(cfg.data.eval, cfg.train.max_eval_samples)     # read once for the whole run
-    teacher_forced = TeacherForced(eval_sets, tok, teacher.cfg.n_mels, cfg.train.eval_batch_size * n_dev, steps,
+    eval_sets = load_eval_sets(cfg.data.eval, cfg.eval.max_samples)     # read once for the whole run
+    teacher_forced = TeacherForced(eval_sets, tok, teacher.cfg.n_mels, cfg.eval.batch_size * n_dev, steps,
                                    cfg.data.max_label_length, jax.process_index(), n_proc)
 
     def evaluate(state, step: int, with_teacher: bool) -> dict:
@@ -311,7 +311,7 @@ def run(cfg: Config, *, devices=None) -> dict:
             return {}
         results = teacher_forced(state.params, teacher_params)
         student_now = dataclasses.replace(student, params=_host(state.params))
-        results.update(evaluate_wer(student_now, teacher, eval_sets, cfg.train.eval_batch_size, with_teacher))
+        results.update(evaluate_wer(student_now, teacher, eval_sets, cfg.eval.batch_size, with_teacher))
         logs.write(step, results, prefix="eval/")
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results
@@ -341,7 +341,7 @@ def run(cfg: Config, *, devices=None) -> dict:
             nonlocal last_eval
             info.results["eval"] = last_eval = evaluate(info.state, info.step,
                                                         with_teacher=not last_eval or info.final)
-        trainer.add_hook(eval_hook, every=cfg.train.eval_every)
+        trainer.add_hook(eval_hook, every=cfg.eval.every)
 
     def checkpoint_hook(info: StepInfo) -> None:
         # only a step evaluated now carries a WER (a later step must not inherit an earlier step's rank)

@@ -1,17 +1,23 @@
-"""Device mesh, logical axis rules, shardings, multi-process start-up and process-0 helpers.
+"""Device mesh, logical axis rules, fitting a config to the devices, shardings, multi-process start-up and
+process-0 helpers.
 
 The mesh always has the axes ("data", "fsdp", "tensor"). On multi-slice TPU (or multi-node GPU) the data axis
 is `dcn_data` slices x `data` per slice, laid out so that only the data axis crosses the slow network.
 The model names its axes logically (`batch`, `embed`, `heads`, ...); `mesh.logical_axis_rules` in the config
-maps them to mesh axes, so pure data parallel, FSDP and tensor parallel are rule sets, not code paths.
+
+maps them to mesh axes (`DEFAULT_LOGICAL_AXIS_RULES` when it is []), so pure data parallel, FSDP and tensor
+parallel are rule sets, not code paths. `validate_for_devices` resolves `mesh.* = -1` against the devices present
+and checks the batch arithmetic; its errors say which key to change.
 
 Call `initialize_distributed()` first thing in a process (before any other JAX call), then `make_mesh`.
 """
 from __future__ import annotations
 
+import difflib
 import functools
 import os
 import sys
+from typing import Union
 
 import flax.linen as nn
 import jax
@@ -19,11 +25,122 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from dwjax.config import (DEFAULT_LOGICAL_AXIS_RULES, MESH_AXES, Config, MeshConfig, check_rules,
-                          resolve_mesh_shape)
+from dwjax.config import Config, MeshConfig
+from dwjax.errors import ConfigError
 
+#: logical axis names used by the model (see docs/DESIGN.md)
+LOGICAL_AXES = ("batch", "enc_len", "dec_len", "embed", "heads", "head_dim", "mlp", "vocab", "layers",
+                "conv_in", "conv_k", "kv_len")
+#: physical mesh axes, in mesh order
+MESH_AXES = ("data", "fsdp", "tensor")
 #: the batch dimension is split over these mesh axes (data parallel and FSDP both split the batch)
 BATCH_AXES = ("data", "fsdp")
+
+#: logical name -> mesh axis (or axes, or None = replicated); FSDP over `embed`, tensor parallel over heads/mlp/vocab
+DEFAULT_LOGICAL_AXIS_RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("vocab", "tensor"),
+    ("layers", None),
+    ("enc_len", None),
+    ("dec_len", None),
+    ("head_dim", None),
+    ("kv_len", None),
+    ("conv_in", None),
+    ("conv_k", None),
+)
+
+LogicalRule = tuple[str, Union[str, tuple[str, ...], None]]
+
+
+def check_rules(rules) -> tuple[LogicalRule, ...]:
+    """`rules` as flax takes them: each a [logical name of the model, mesh axis | [mesh axes] | null], each
+    logical name at most once; a `ConfigError` naming `mesh.logical_axis_rules` otherwise."""
+    out, where = [], "mesh.logical_axis_rules"
+    for rule in rules:
+        if not isinstance(rule, (list, tuple)) or len(rule) != 2 or not isinstance(rule[0], str):
+            raise ConfigError(f"{where}: each rule is [logical name, mesh axis | [mesh axes] | null], got {rule!r}")
+        logical, axes = rule
+        if logical not in LOGICAL_AXES:
+            close = difflib.get_close_matches(logical, LOGICAL_AXES, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(LOGICAL_AXES)}"
+            raise ConfigError(f"{where}: unknown logical axis {logical!r}{hint}")
+        if logical in (r[0] for r in out):
+            raise ConfigError(f"{where}: logical axis {logical!r} appears twice")
+        for axis in (axes,) if isinstance(axes, str) else (axes or ()):
+            if axis not in MESH_AXES:
+                raise ConfigError(f"{where}: {logical!r} maps to unknown mesh axis {axis!r}; "
+                                  f"mesh axes are {', '.join(MESH_AXES)}")
+        out.append((logical, tuple(axes) if isinstance(axes, (list, tuple)) else axes))
+    return tuple(out)
+
+
+def _mesh_text(sizes: dict[str, int]) -> str:
+    shown = {k: v for k, v in sizes.items() if v != 1}
+    return " ".join(f"{k}={v}" for k, v in (shown or {"data": sizes["data"]}).items())
+
+
+def resolve_mesh_shape(mesh: MeshConfig, n_devices: int) -> dict[str, int]:
+    """{"data": dcn_data * data, "fsdp": ..., "tensor": ...} for `n_devices`, with -1 filled; errors say what to set."""
+    sizes = {"dcn_data": mesh.dcn_data, **{a: getattr(mesh, a) for a in MESH_AXES}}
+    fill = [a for a in MESH_AXES if sizes[a] == -1]
+    if len(fill) > 1:
+        raise ConfigError(f"mesh: only one of data, fsdp, tensor may be -1, got {_mesh_text(sizes)}")
+    fixed = 1
+    for v in sizes.values():
+        if v != -1:
+            fixed *= v
+    if fill:
+        if n_devices % fixed:
+            raise ConfigError(
+                f"mesh {_mesh_text({k: v for k, v in sizes.items() if v != -1})} cannot fill {n_devices} devices "
+                f"({n_devices} is not divisible by {fixed}): make the product of the other mesh axes divide {n_devices}")
+        sizes[fill[0]] = n_devices // fixed
+    elif fixed != n_devices:
+        fixes = [f"mesh.{axis}={n_devices // (fixed // sizes[axis])}" for axis in MESH_AXES
+                 if n_devices % (fixed // sizes[axis]) == 0]
+        if "mesh.data=-1" not in fixes and n_devices % (fixed // sizes["data"]) == 0:
+            fixes.append("mesh.data=-1")
+        advice = " or ".join(fixes) if fixes else f"mesh sizes whose product is {n_devices}"
+        raise ConfigError(f"mesh {_mesh_text(sizes)} needs {fixed} devices but {n_devices} are present: set {advice}")
+    return {"data": sizes["dcn_data"] * sizes["data"], "fsdp": sizes["fsdp"], "tensor": sizes["tensor"]}
+
+
+def global_batch_size(cfg: Config, n_devices: int) -> int:
+    """Examples per microbatch across all devices (an optimizer step sees `grad_accum_steps` of these)."""
+    return cfg.train.per_device_batch_size * n_devices
+
+
+def validate_for_devices(cfg: Config, n_devices: int, n_processes: int = 1) -> dict[str, int]:
+    """Check `cfg` fits `n_devices` devices on `n_processes` processes; return the resolved mesh shape."""
+    if cfg.devices is not None:
+        d = cfg.devices
+        if d.count != n_devices:
+            raise ConfigError(f"the topology is for {d.count} x {d.kind} but {n_devices} devices are present: use the "
+                              f"topology file for this machine, or set devices.count={n_devices}")
+        if d.processes != n_processes:
+            raise ConfigError(f"the topology is for {d.processes} processes but {n_processes} are running: launch "
+                              f"one process per host (see run_scripts/), or set devices.processes={n_processes}")
+    if n_devices % n_processes:
+        raise ConfigError(f"{n_devices} devices cannot be split evenly over {n_processes} processes")
+    shape = resolve_mesh_shape(cfg.mesh, n_devices)
+    if n_processes % cfg.mesh.dcn_data:
+        raise ConfigError(f"mesh.dcn_data={cfg.mesh.dcn_data} must divide the {n_processes} processes "
+                          f"(each slice/node runs whole processes): set mesh.dcn_data=1 on a single slice")
+    check_rules(cfg.mesh.logical_axis_rules)
+    batch_shards = shape["data"] * shape["fsdp"]
+    for key, per_device in (("train.per_device_batch_size", cfg.train.per_device_batch_size),
+                            ("eval.batch_size", cfg.eval.batch_size)):
+        total = per_device * n_devices
+        if total % batch_shards:
+            raise ConfigError(f"global batch {total} ({key}={per_device} x {n_devices} devices) is not divisible by "
+                              f"mesh data*fsdp={batch_shards}: change {key}")
+        if total % n_processes:
+            raise ConfigError(f"global batch {total} ({key}={per_device} x {n_devices} devices) is not divisible by "
+                              f"the {n_processes} processes: change {key}")
+    return shape
 
 
 def _device_mesh(shape: tuple[int, ...], dcn_data: int, devices: list) -> np.ndarray:
@@ -46,21 +163,17 @@ def _device_mesh(shape: tuple[int, ...], dcn_data: int, devices: list) -> np.nda
 
 def make_mesh(mesh_cfg: MeshConfig | Config, devices=None) -> Mesh:
     """A `Mesh` with axes ("data", "fsdp", "tensor") over `devices` (default: all), -1 sizes filled."""
-    mesh_cfg = mesh_cfg.mesh if isinstance(mesh_cfg, Config) else mesh_cfg
+    mesh_cfg = getattr(mesh_cfg, "mesh", mesh_cfg)
     devices = list(jax.devices() if devices is None else devices)
     sizes = resolve_mesh_shape(mesh_cfg, len(devices))
     shape = tuple(sizes[a] for a in MESH_AXES)
     return Mesh(_device_mesh(shape, mesh_cfg.dcn_data, devices), MESH_AXES)
 
 
-def logical_rules(cfg: Config | MeshConfig | None = None) -> tuple[tuple[str, str | tuple[str, ...] | None], ...]:
+def logical_rules(cfg: Config | MeshConfig | None = None) -> tuple[LogicalRule, ...]:
     """The logical-name -> mesh-axes rules in the form flax takes (the config's, else the defaults)."""
-    if cfg is None:
-        return DEFAULT_LOGICAL_AXIS_RULES
-    mesh_cfg = cfg.mesh if isinstance(cfg, Config) else cfg
-    rules = tuple(mesh_cfg.logical_axis_rules) or DEFAULT_LOGICAL_AXIS_RULES
-    check_rules(rules)
-    return tuple((name, tuple(axes) if isinstance(axes, (list, tuple)) else axes) for name, axes in rules)
+    rules = () if cfg is None else getattr(cfg, "mesh", cfg).logical_axis_rules
+    return check_rules(rules or DEFAULT_LOGICAL_AXIS_RULES)
 
 
 def logical_to_sharding(logical_specs_tree, mesh: Mesh, rules=None):

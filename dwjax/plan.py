@@ -33,9 +33,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from dwjax.config import MESH_AXES, Config, override, validate_for_devices
+from dwjax.config import Config, override
 from dwjax.errors import ConfigError
 from dwjax.flops import generate_flops, train_step_flops
+from dwjax.mesh import MESH_AXES, validate_for_devices
 from dwjax.models.configs import OFFICIAL, WhisperConfig, official
 
 GiB = 1024 ** 3
@@ -263,7 +264,7 @@ def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops
     import flax.linen as nn
 
     n = mesh.devices.size
-    b = cfg.train.eval_batch_size * n
+    b = cfg.label.batch_size * n
     spec = planning_spec(teacher_cfg.vocab_size)
     p = prompt_length(teacher_cfg)
     max_new = max(1, min(max_new, teacher_cfg.n_text_ctx - p))
@@ -303,7 +304,7 @@ def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops
     base, full = generate_flops(teacher_cfg, b, p, max_new)
     _, once = generate_flops(teacher_cfg, b, p, 1)
     return StepPlan("generate step (teacher, pseudo-labelling)", Memory.of(compiled), resident,
-                    cfg.train.eval_batch_size, t1 - t0, t2 - t1, _flops(compiled.cost_analysis()), flops_global,
+                    cfg.label.batch_size, t1 - t0, t2 - t1, _flops(compiled.cost_analysis()), flops_global,
                     base, full, once, notes)
 
 
@@ -398,7 +399,7 @@ def advice(plan: Plan, step: StepPlan) -> list[str]:
         fixed = m.peak - per_example * b
         fit_b = int((budget * (1 - TIGHT_MARGIN) - fixed) // per_example) if per_example else b
         if 1 <= fit_b < b:
-            out.append(f"train.eval_batch_size={fit_b} (or dwjax pseudo-label --batch-size {fit_b}): "
+            out.append(f"label.batch_size={fit_b} (dwjax pseudo-label --batch-size {fit_b}): "
                        f"≈{_gib(fixed + per_example * fit_b)} per device")
         else:
             out.append("the replicated teacher alone is too large for one device: use a smaller teacher")
@@ -431,8 +432,8 @@ def format_plan(plan: Plan) -> str:
                                                   if plan.mesh_shape["tensor"] > 1 else ""),
               f"  labels padded to {plan.label_len} tokens (data.max_label_length; a run uses its longest label "
               f"rounded up to 16): ≤ {gb * k * plan.label_len:,} label tokens per step",
-              f"  generate: train.eval_batch_size {cfg.train.eval_batch_size} per device = "
-              f"{cfg.train.eval_batch_size * n} per step"]
+              f"  generate: label.batch_size {cfg.label.batch_size} per device = "
+              f"{cfg.label.batch_size * n} per step"]
     for step in (plan.train, plan.generate):
         if step is None:
             continue

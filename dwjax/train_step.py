@@ -129,9 +129,11 @@ def _dtype(name: str):
 
 
 def module_kwargs(model_cfg, train: bool = True) -> dict:
-    """Whisper constructor options from `model` config (compute/param dtype, scan, remat; no remat for inference)."""
+    """Whisper constructor options from `model` config (compute/param dtype, scan, remat (none for inference),
+    kernels)."""
     return dict(dtype=_dtype(model_cfg.dtype), param_dtype=_dtype(model_cfg.param_dtype),
-                scan_layers=model_cfg.scan_layers, remat=model_cfg.remat if train else "none")
+                scan_layers=model_cfg.scan_layers, remat=model_cfg.remat if train else "none",
+                kernels=model_cfg.kernels)
 
 
 def make_models(model_cfg, student_cfg: WhisperConfig, teacher_cfg: WhisperConfig) -> tuple[Whisper, Whisper]:

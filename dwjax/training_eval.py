@@ -1,4 +1,4 @@
-"""In-training evaluation of the student on `data.eval` (what `dwjax distill` runs every `train.eval_every` steps).
+"""In-training evaluation of the student on `data.eval` (what `dwjax distill` runs every `eval.every` steps).
 
 Two measurements per evaluation set, both on rows that have a reference text:
   * WER of greedy generation (`evaluate_wer`): the student's (and once, the teacher's) transcripts against the

@@ -108,7 +108,7 @@ fi
 dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   "data.train=[{name: mix, path: $out/labels}]" run.output_dir="$out/distill" \
   optim.total_steps="$steps" optim.warmup_steps=$((steps / 10)) optim.learning_rate=3e-4 \
-  train.per_device_batch_size="$batch" train.log_every=10 train.eval_every=0 checkpoint.save_every=100 \
+  train.per_device_batch_size="$batch" train.log_every=10 eval.every=0 checkpoint.save_every=100 \
   train.encoder_cache="$out/encoder-cache" data.timestamp_probability=0.5 data.prev_context_probability=0.2 \
   "optim.frozen=[embed_tokens, embed_positions]"
 

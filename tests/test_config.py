@@ -3,12 +3,14 @@ import argparse
 import dataclasses
 import shutil
 import subprocess
+import typing
 from pathlib import Path
 
 import pytest
 import yaml
 
 from dwjax import config as C
+from dwjax import mesh as M
 from dwjax.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -16,15 +18,17 @@ TOPOLOGIES = sorted((REPO / "tpu_configs").glob("*.yaml"))
 SCRIPTS = sorted(p for p in (REPO / "run_scripts").iterdir() if p.is_file())
 
 
-def test_defaults_yaml_equals_dataclass_defaults():
+def test_defaults_are_the_dataclass_defaults():
     assert C.load_config() == C.Config()
+    assert C.load_config().mesh.logical_axis_rules == ()            # [] = the mesh's default rules
+    assert M.logical_rules(C.load_config()) == M.DEFAULT_LOGICAL_AXIS_RULES
 
 
 def test_every_field_is_documented():
     def walk(cls):
         for f in dataclasses.fields(cls):
             assert f.metadata.get("doc"), f"{cls.__name__}.{f.name} has no description"
-            sub = C._section_type(f.type if not isinstance(f.type, str) else C._hints(cls)[f.name])
+            sub = C._section_type(typing.get_type_hints(cls)[f.name])
             if sub is not None:
                 walk(sub)
     walk(C.Config)
@@ -43,13 +47,13 @@ def test_topology_loads_and_fits_its_devices(path):
     assert "dwjax" in text.split("\n\n")[0] or "run_scripts/" in text, "header must give the command that runs it"
     cfg = C.load_config(topology=str(path))
     assert cfg.devices is not None, "a topology file describes its devices"
-    shape = C.validate_for_devices(cfg, cfg.devices.count, cfg.devices.processes)
+    shape = M.validate_for_devices(cfg, cfg.devices.count, cfg.devices.processes)
     assert shape["data"] * shape["fsdp"] * shape["tensor"] == cfg.devices.count
-    assert C.global_batch_size(cfg, cfg.devices.count) % (shape["data"] * shape["fsdp"]) == 0
-    for logical, axes in cfg.mesh.logical_axis_rules:
-        assert logical in C.LOGICAL_AXES
+    assert M.global_batch_size(cfg, cfg.devices.count) % (shape["data"] * shape["fsdp"]) == 0
+    for logical, axes in M.logical_rules(cfg):
+        assert logical in M.LOGICAL_AXES
         for axis in (axes,) if isinstance(axes, str) else (axes or ()):
-            assert axis in C.MESH_AXES
+            assert axis in M.MESH_AXES
     if path.stem != "cpu":
         assert cfg.model.dtype == "bfloat16"
         assert cfg.devices.memory_gb
@@ -84,9 +88,10 @@ def test_unknown_key_suggests(tmp_path):
 
 
 def test_type_errors_name_the_key(tmp_path):
-    with pytest.raises(ConfigError, match=r"train.per_device_batch_size \(from override .*\): expected an integer"):
+    with pytest.raises(ConfigError, match=r"^train.per_device_batch_size \(from override .*\): Value 'abc' of type "
+                                          r"'str' could not be converted to Integer$"):
         C.load_config(overrides=["train.per_device_batch_size=abc"])
-    with pytest.raises(ConfigError, match="model.dtype.*one of 'float32', 'bfloat16'"):
+    with pytest.raises(ConfigError, match=r"model.dtype.*one of \['float32', 'bfloat16'\]"):
         C.load_config(overrides=["model.dtype=float16"])
     with pytest.raises(ConfigError, match="checkpoint.async_save.*true or false"):
         C.load_config(overrides=["checkpoint.async_save=3"])
@@ -97,7 +102,15 @@ def test_type_errors_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match="data.timestamp_probability must be in"):
         C.load_config(overrides=["data.timestamp_probability=1.5"])
     with pytest.raises(ConfigError, match="unknown logical axis 'embd'; did you mean embed"):
-        C.load_config(overrides=["mesh.logical_axis_rules=[[embd, fsdp]]"])
+        M.validate_for_devices(C.load_config(overrides=["mesh.logical_axis_rules=[[embd, fsdp]]"]), 8)
+    with pytest.raises(ConfigError, match="maps to unknown mesh axis 'fdsp'"):
+        M.logical_rules(C.load_config(overrides=["mesh.logical_axis_rules=[[embed, fdsp]]"]))
+    with pytest.raises(ConfigError, match=r"each rule is \[logical name"):
+        M.logical_rules(C.load_config(overrides=["mesh.logical_axis_rules=[[embed]]"]))
+    with pytest.raises(ConfigError, match=r"^eval.every must be >= 0"):
+        C.load_config(overrides=["eval.every=-1"])
+    with pytest.raises(ConfigError, match=r"^unknown key train.eval_batch_size; "):
+        C.load_config(overrides=["train.eval_batch_size=4"])     # moved to eval.batch_size
 
 
 def test_override_order(tmp_path):
@@ -119,6 +132,15 @@ def test_override_order(tmp_path):
     assert cfg.run == C.RunConfig()  # untouched sections keep their defaults
 
 
+def test_model_kernels_are_config_fields():
+    from dwjax.models.kernels import Kernels
+    assert C.Config().model.kernels == Kernels()
+    cfg = C.load_config(overrides=["model.attention=xla", "model.query_chunk=0", "model.encode_per_example=false"])
+    assert cfg.model.kernels == Kernels("xla", 0, False)
+    with pytest.raises(ConfigError, match=r"model.attention.*one of \['auto', 'einsum', 'cudnn', 'xla'\]"):
+        C.load_config(overrides=["model.attention=flash"])
+
+
 def test_round_trip_yaml_and_args(tmp_path):
     cfg = C.load_config(topology="gpu-2x8xh100", overrides=["data.eval=[{name: e, path: p}]"])
     for comments in (False, True):
@@ -133,23 +155,72 @@ def test_round_trip_yaml_and_args(tmp_path):
     assert C.override(cfg, "mesh.dcn_data=1").mesh == dataclasses.replace(cfg.mesh, dcn_data=1)
 
 
+def test_label_section_from_a_file_the_flags_and_overrides(tmp_path, monkeypatch):
+    """`dwjax pseudo-label` runs with the config's label: section; its flags override the files, KEY=VALUE both."""
+    import dwjax.pseudo_label as PL
+    from dwjax.cli import pseudo_label as cli
+    exp = tmp_path / "label.yaml"
+    exp.write_text("model: {teacher: t}\nlabel:\n  data: [a=x.jsonl]\n  output: out\n  batch_size: 4\n"
+                   "  pack: true\n  commit_every: 2\n")
+    seen = {}
+    monkeypatch.setattr(PL, "label_datasets", lambda specs, opts, cfg: seen.update(specs=specs, opts=opts) or {})
+    assert cli.main(["--config", str(exp), "--batch-size", "6", "--workers", "1", "label.commit_every=3"]) == 0
+    assert seen["specs"] == ["a=x.jsonl"]
+    assert seen["opts"] == PL.LabelOptions(teacher="t", output="out", batch_size=6, timestamps=True, pack=True,
+                                           max_new_tokens=448, commit_every=3, num_workers=1)
+    assert cli.main(["--data", "b.jsonl", "--output", "o", "--max-new-tokens", "100"]) == 0
+    assert seen["specs"] == ["b.jsonl"]
+    assert seen["opts"] == PL.LabelOptions(teacher=C.ModelConfig.teacher, output="o", max_new_tokens=100)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--output", "o"])                     # nothing to label: a usage error
+    assert e.value.code == 2
+
+
+def test_topologies_ship_in_the_wheel(tmp_path):
+    """An installed wheel (here: built, then unpacked as pip installs it) finds `--topology v4-8` inside the
+    package, away from any source checkout."""
+    import os
+    import sys
+    import zipfile
+
+    src = tmp_path / "src"
+    shutil.copytree(REPO / "dwjax", src / "dwjax", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "tpu_configs", src / "tpu_configs")
+    shutil.copy(REPO / "setup.py", src / "setup.py")
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                            str(tmp_path / "wheel"), str(src)], capture_output=True, text=True, timeout=120)
+    assert built.returncode == 0, built.stderr
+    wheel, = (tmp_path / "wheel").glob("dwjax-*.whl")
+    site = tmp_path / "site"
+    with zipfile.ZipFile(wheel) as z:
+        assert {f"dwjax/tpu_configs/{p.name}" for p in TOPOLOGIES} <= set(z.namelist())
+        z.extractall(site)
+    code = ("from dwjax.config import load_config, resolve_topology; "
+            "print(resolve_topology('v4-8'), load_config(topology='v4-8').devices.count)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": str(site)})
+    assert out.returncode == 0, out.stderr
+    path, count = out.stdout.split()
+    assert Path(path) == site / "dwjax" / "tpu_configs" / "v4-8.yaml" and count == "4"
+
+
 def test_misfit_config_says_what_to_change():
     cfg = C.load_config(overrides=["mesh.data=4", "mesh.fsdp=4"])
     with pytest.raises(ConfigError) as e:
-        C.validate_for_devices(cfg, 8, 1)
+        M.validate_for_devices(cfg, 8, 1)
     msg = str(e.value)
     assert msg.startswith("mesh data=4 fsdp=4 needs 16 devices but 8 are present: set mesh.data=2")
     assert "mesh.data=-1" in msg
     cfg = C.load_config(overrides=["mesh.fsdp=3"])
     with pytest.raises(ConfigError, match="cannot fill 8 devices"):
-        C.validate_for_devices(cfg, 8, 1)
+        M.validate_for_devices(cfg, 8, 1)
     cfg = C.load_config(topology="v4-32")
     with pytest.raises(ConfigError, match="topology is for 16 x TPU v4 but 8 devices are present"):
-        C.validate_for_devices(cfg, 8, 1)
+        M.validate_for_devices(cfg, 8, 1)
     cfg = C.load_config(overrides=["mesh.dcn_data=2"])
     with pytest.raises(ConfigError, match="mesh.dcn_data=2 must divide the 1 processes"):
-        C.validate_for_devices(cfg, 8, 1)
-    assert C.validate_for_devices(C.load_config(), 8, 1) == {"data": 8, "fsdp": 1, "tensor": 1}
+        M.validate_for_devices(cfg, 8, 1)
+    assert M.validate_for_devices(C.load_config(), 8, 1) == {"data": 8, "fsdp": 1, "tensor": 1}
 
 
 # --------------------------------------------------------------------------------------------------- mesh
@@ -262,7 +333,7 @@ import jax, jax.numpy as jnp, numpy as np
 from dwjax import config as C, mesh as M
 assert M.initialize_distributed()
 cfg = C.load_config(overrides=["mesh.dcn_data=2", "mesh.fsdp=2", "train.per_device_batch_size=2"])
-C.validate_for_devices(cfg, jax.device_count(), jax.process_count())
+M.validate_for_devices(cfg, jax.device_count(), jax.process_count())
 mesh = M.make_mesh(cfg)
 local = np.full((2 * jax.local_device_count(), 3), jax.process_index(), np.float32)
 batch = jax.make_array_from_process_local_data(M.data_sharding(mesh), local)

@@ -133,7 +133,7 @@ def overrides(assets, out, total, per_device=1, mesh=("mesh.data=-1",), extra=()
             f"data.train=[{{name: tiny, path: {assets['labels']}}}]", f"run.output_dir={out}",
             f"optim.total_steps={total}", "optim.warmup_steps=0", "optim.learning_rate=0.003",
             "optim.schedule=constant", f"train.per_device_batch_size={per_device}", "train.log_every=1",
-            "train.eval_every=0", "checkpoint.save_every=1", "checkpoint.keep_last=3", "data.num_workers=1",
+            "eval.every=0", "checkpoint.save_every=1", "checkpoint.keep_last=3", "data.num_workers=1",
             "data.timestamp_probability=0.0", *mesh]
     return args + list(extra)
 

@@ -201,7 +201,7 @@ def test_config_keys_defaults_and_per_set_overrides():
     ("data.max_no_speech_prob=-0.1", r"data max_no_speech_prob must be >= 0"),
     ("data.wer_threshold=-1", r"data wer_threshold must be >= 0"),
     ("data.train=[{name: s1, path: p, max_compression_ratio: 0}]", r"data.train s1 max_compression_ratio must be > 0"),
-    ("data.min_avg_logprob=abc", r"data.min_avg_logprob .*expected"),
+    ("data.min_avg_logprob=abc", r"data.min_avg_logprob .*could not be converted to Float"),
 ])
 def test_bad_thresholds_are_refused(override, message):
     with pytest.raises(ConfigError, match=message):

@@ -12,7 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from dwjax.models.configs import WhisperConfig
-from dwjax.models.whisper import Whisper, init_cache
+from dwjax.errors import ConfigError
+from dwjax.models.kernels import Kernels
+from dwjax.models.whisper import Whisper, encode_batch, init_cache
 from tests import helpers as H
 
 # (d_model, enc layers, dec layers, enc heads, dec heads, n_mels, vocab)
@@ -91,19 +93,46 @@ def test_remat_same_output(case):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1e-3, float(np.abs(a).max())))
 
 
-def test_fused_attention_branch_matches(case, monkeypatch):
+def test_fused_attention_branch_matches(case):
     """The jax.nn.dot_product_attention branch (cuDNN on GPU; its "xla" implementation here) computes what the
     einsum path does: same layout, same scaling, same gradients."""
-    from dwjax.models import whisper as W
     loss = lambda p, m: jnp.mean(m.apply({"params": p}, case.mel, case.tokens) ** 2)
     g0 = jax.jit(jax.grad(loss), static_argnums=1)(case.params, Whisper(case.cfg))
-    monkeypatch.setattr(W, "fused_attention_impl", lambda dtype: "xla")
-    m = Whisper(case.cfg)
+    m = Whisper(case.cfg, kernels=Kernels(attention="xla"))
     logits = np.asarray(jax.jit(m.apply)({"params": case.params}, case.mel, case.tokens))
     np.testing.assert_allclose(logits, case.logits, atol=1e-5 * max(1.0, np.abs(case.logits).max()), rtol=0)
     g1 = jax.jit(jax.grad(loss), static_argnums=1)(case.params, m)
     for a, b in zip(jax.tree_util.tree_leaves(g0), jax.tree_util.tree_leaves(g1)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5 * max(1e-3, float(np.abs(a).max())))
+
+
+def test_kernels_change_how_not_what(case):
+    """Query blocks of any size and per-example or whole-batch encoding give the encoder output of one block over
+    the whole batch."""
+    ref = np.asarray(Whisper(case.cfg, kernels=Kernels("einsum", 0, False)).apply(
+        {"params": case.params}, case.mel, method="encode"))
+    np.testing.assert_allclose(ref, case.ref_enc, atol=1e-4 * max(1.0, np.abs(case.ref_enc).max()), rtol=0)
+    for kernels in (Kernels("einsum", 4, False), Kernels("einsum", 6, True), Kernels("einsum", 0, True)):
+        out = np.asarray(jax.jit(lambda p, m, k=kernels: encode_batch(Whisper(case.cfg, kernels=k), p, m))(
+            case.params, case.mel))
+        np.testing.assert_allclose(out, ref, atol=1e-5 * max(1.0, np.abs(ref).max()), rtol=0, err_msg=str(kernels))
+
+
+def test_auto_kernels_resolve_per_backend(monkeypatch):
+    monkeypatch.delenv("DWJAX_ATTENTION", raising=False)
+    auto = Kernels()
+    assert auto.resolve("gpu", "bfloat16") == Kernels("cudnn", 300, False)
+    assert auto.resolve("gpu", "float16").attention == "cudnn"
+    assert auto.resolve("gpu", "float32") == Kernels("einsum", 300, False)
+    assert auto.resolve("tpu", "bfloat16") == Kernels("einsum", 300, False)
+    assert auto.resolve("cpu", "bfloat16") == Kernels("einsum", 300, True)
+    assert Kernels("xla", 0, True).resolve("gpu", "bfloat16") == Kernels("xla", 0, True)    # explicit stays
+    monkeypatch.setenv("DWJAX_ATTENTION", "einsum")                                         # overrides auto only
+    assert auto.resolve("gpu", "bfloat16").attention == "einsum"
+    assert Kernels("cudnn").resolve("gpu", "bfloat16").attention == "cudnn"
+    monkeypatch.setenv("DWJAX_ATTENTION", "fast")
+    with pytest.raises(ConfigError, match="DWJAX_ATTENTION=fast: expected one of einsum, cudnn, xla"):
+        auto.resolve("gpu", "bfloat16")
 
 
 class _Jitted:

@@ -21,7 +21,7 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0}
 
 def _topology(tmp_path, memory_gb):
     path = tmp_path / f"tiny-{memory_gb}.yaml"
-    path.write_text(f"mesh: {{fsdp: 2}}\ntrain: {{per_device_batch_size: 2, eval_batch_size: 2}}\n"
+    path.write_text(f"mesh: {{fsdp: 2}}\ntrain: {{per_device_batch_size: 2}}\nlabel: {{batch_size: 2}}\n"
                     f"data: {{max_label_length: 32}}\n"
                     f"devices: {{kind: tiny accelerator, count: 4, processes: 1, memory_gb: {memory_gb}}}\n")
     return path
@@ -57,7 +57,7 @@ def test_plan_too_small_says_what_to_change(tiny_plan):
     assert plan.all_fit is False
     text = plan_lib.format_plan(plan)
     assert "does not fit" in text and "verdict: does not fit" in text
-    for knob in ("train.per_device_batch_size", "model.remat", "mesh.fsdp", "train.eval_batch_size"):
+    for knob in ("train.per_device_batch_size", "model.remat", "mesh.fsdp", "label.batch_size"):
         assert knob in text, knob
 
 

@@ -71,7 +71,7 @@ def test_in_training_evaluation_and_keep_best(assets, tmp_path):
     from dwjax.config import load_config
     out = tmp_path / "run"
     summary = run_in_process(assets, out, 4, extra=(
-        f"data.eval=[{{name: val, path: {assets['validation']}}}]", "train.eval_every=1", "train.max_eval_samples=2",
+        f"data.eval=[{{name: val, path: {assets['validation']}}}]", "eval.every=1", "eval.max_samples=2",
         "checkpoint.keep_last=1", "checkpoint.keep_best=1", "checkpoint.async_save=false"))
     records = [json.loads(line) for line in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
     evals = {r["step"]: r for r in records if "eval/val/student_wer" in r}

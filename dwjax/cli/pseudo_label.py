@@ -4,6 +4,11 @@
     dwjax pseudo-label --teacher builtin:whisper-tiny.en --data libri=manifest.tsv --output labels/ --batch-size 16 \\
         --config exp.yaml model.dtype=bfloat16
     dwjax pseudo-label --teacher builtin:whisper-base --data demo/train.jsonl --output packed/ --pack --pack-gap 0.5
+    dwjax pseudo-label --config label.yaml label.batch_size=32
+
+Every option is a key of the config's `label:` section (--data is label.data, --pack-gap label.pack_gap_s, ...;
+--teacher is model.teacher, --workers data.num_workers): a flag given overrides the config files, and KEY=VALUE
+overrides override both. `python -c "from dwjax.config import *; print(to_yaml(Config(), True))"` lists them.
 
 --pack labels windows of <= 30 s packed from consecutive clips of one speaker (the manifest's `speaker` column;
 otherwise in order), with timestamps: one row per window, its member clips, their offsets and durations in the
@@ -32,73 +37,54 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dwjax.config import add_config_args
-from dwjax.data.packing import DEFAULT_PACK_S
+from dwjax.config import LabelConfig, add_config_args, config_from_args, field_doc
+
+
+def _doc(name: str) -> str:
+    return f"{field_doc(LabelConfig, name)}; default: {getattr(LabelConfig, name)!r}"
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="dwjax pseudo-label", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--teacher", default=None, metavar="MODEL",
+    p.add_argument("--teacher", metavar="MODEL",
                    help="builtin:whisper-tiny.en, builtin:whisper-base or a model path (default: model.teacher)")
-    p.add_argument("--data", nargs="+", required=True, metavar="DATA",
-                   help="manifests or datasets (JSONL/CSV/TSV/parquet/arrow/save_to_disk dir), each PATH or NAME=PATH")
-    p.add_argument("--output", required=True, metavar="DIR", help="directory of the label part files")
-    p.add_argument("--batch-size", type=int, default=None, metavar="PER_DEVICE",
-                   help="examples per device per step (default: train.eval_batch_size)")
-    p.add_argument("--timestamps", action="store_true", help="predict timestamps (segments go in `timestamps`)")
-    p.add_argument("--language", default=None, metavar="L",
-                   help="force a language (multilingual teachers); default: the manifest's, else detected per row")
-    p.add_argument("--task", choices=["transcribe", "translate"], default="transcribe")
-    p.add_argument("--num-beams", type=int, default=1, metavar="N", help="beam width (1 = greedy, sharded)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="decoding budget (default: 224; with --pack 448, the decoder context, less the prompt)")
-    p.add_argument("--pack", action="store_true",
-                   help="label packed windows of consecutive clips, with timestamps (one row per window)")
-    p.add_argument("--pack-gap", type=float, default=0.5, metavar="S",
-                   help="seconds of silence between packed clips (default: 0.5)")
-    p.add_argument("--pack-max", type=float, default=DEFAULT_PACK_S, metavar="S",
-                   help=f"longest packed window in seconds, at most 30 (default: {DEFAULT_PACK_S:g}: the teacher "
-                        "drops the last utterances of windows filled to 30 s; dwjax/data/packing.py)")
-    p.add_argument("--pack-short", type=float, default=0.0, metavar="F",
-                   help="fraction of windows filled only to a random length in (0, --pack-max], one clip or a few, "
-                        "so a student trained on them also meets short audio followed by silence (default: 0)")
-    p.add_argument("--commit-every", type=int, default=8, metavar="N",
-                   help="write a part file every N global batches (what an interruption can lose)")
-    p.add_argument("--workers", type=int, default=None,
-                   help="audio decoding threads per process (default: data.num_workers)")
+    p.add_argument("--data", nargs="+", metavar="DATA", help=field_doc(LabelConfig, "data"))
+    p.add_argument("--output", metavar="DIR", help=field_doc(LabelConfig, "output"))
+    p.add_argument("--batch-size", type=int, metavar="PER_DEVICE", help=_doc("batch_size"))
+    p.add_argument("--timestamps", action="store_true", default=None, help=field_doc(LabelConfig, "timestamps"))
+    p.add_argument("--language", metavar="L", help=field_doc(LabelConfig, "language"))
+    p.add_argument("--task", choices=["transcribe", "translate"], help=_doc("task"))
+    p.add_argument("--num-beams", type=int, metavar="N", help=_doc("num_beams"))
+    p.add_argument("--max-new-tokens", type=int, help=field_doc(LabelConfig, "max_new_tokens"))
+    p.add_argument("--pack", action="store_true", default=None, help=field_doc(LabelConfig, "pack"))
+    p.add_argument("--pack-gap", type=float, metavar="S", help=_doc("pack_gap_s"))
+    p.add_argument("--pack-max", type=float, metavar="S", help=_doc("pack_max_s"))
+    p.add_argument("--pack-short", type=float, metavar="F", help=_doc("pack_short"))
+    p.add_argument("--commit-every", type=int, metavar="N", help=_doc("commit_every"))
+    p.add_argument("--workers", type=int, help="audio decoding threads per process (default: data.num_workers)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     add_config_args(p)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     from dwjax.mesh import initialize_distributed
     initialize_distributed()                      # first: before anything touches JAX devices
-    from dwjax.config import config_from_args
     from dwjax.pseudo_label import LabelOptions, label_datasets
-    cfg = config_from_args(args)
-    opts = LabelOptions(
-        teacher=args.teacher or cfg.model.teacher,
-        output=args.output,
-        batch_size=args.batch_size if args.batch_size is not None else cfg.train.eval_batch_size,
-        timestamps=args.timestamps or args.pack,
-        language=args.language,
-        task=args.task,
-        num_beams=args.num_beams,
-        max_new_tokens=args.max_new_tokens if args.max_new_tokens is not None else (448 if args.pack else 224),
-        dtype=cfg.model.dtype,
-        scan_layers=cfg.model.scan_layers,
-        commit_every=args.commit_every,
-        num_workers=args.workers if args.workers is not None else cfg.data.num_workers,
-        progress=not args.no_progress,
-        pack=args.pack,
-        pack_gap_s=args.pack_gap,
-        pack_max_s=args.pack_max,
-        pack_short=args.pack_short,
-    )
-    summary = label_datasets(args.data, opts, cfg)
+    label = dict(data=args.data, output=args.output, batch_size=args.batch_size, timestamps=args.timestamps,
+                 language=args.language, task=args.task, num_beams=args.num_beams,
+                 max_new_tokens=args.max_new_tokens, pack=args.pack, pack_gap_s=args.pack_gap,
+                 pack_max_s=args.pack_max, pack_short=args.pack_short, commit_every=args.commit_every)
+    cfg = config_from_args(args, {"label": label, "model": {"teacher": args.teacher},
+                                  "data": {"num_workers": args.workers}})
+    if not cfg.label.data or not cfg.label.output:
+        parser.error("the data to label and the output directory are required: --data and --output "
+                     "(or label.data and label.output)")
+    opts = LabelOptions.from_config(cfg, progress=not args.no_progress)
+    summary = label_datasets(list(cfg.label.data), opts, cfg)
     failed = (summary or {}).get("overall", {}).get("failed", 0)
     if failed:
         rows = summary["overall"]["rows"]

@@ -10,11 +10,13 @@ Decoding uses an explicit KV cache, a pytree passed in and returned (no mutable 
                                    first call,
              "index": (batch,) int32 — how many positions of each row are filled}
 Rows may stand at different positions (speculative decoding accepts per row); rolling back is lowering `index`.
+
+How the model computes (attention kernel, query chunking, per-example encoding) is its `kernels` field
+(`dwjax/models/kernels.py`); "auto" there is decided once per module for `jax.default_backend()` (`machine_kernels`).
 """
 from __future__ import annotations
 
 import math
-import os
 from typing import Any, Optional
 
 import flax.linen as nn
@@ -23,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from dwjax.models.configs import WhisperConfig
+from dwjax.models.kernels import Kernels
 
 Dtype = Any
 
@@ -57,12 +60,13 @@ class LayerNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; `key` has no bias, as in Whisper."""
+    """Multi-head attention; `key` has no bias, as in Whisper. `kernels`: resolved (`machine_kernels`)."""
     heads: int
     head_dim: int
     d_model: int
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     def setup(self):
         def proj(bias=True):
@@ -84,7 +88,8 @@ class Attention(nn.Module):
 
     def __call__(self, x, k, v, mask):
         """x: (b, t, d) queries; k, v: (b, h, s, hd); mask: bool broadcastable to (b, 1, t, s) or None."""
-        return self.out(attend(self._scaled_query(x), k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype))
+        return self.out(attend(self._scaled_query(x), k.astype(self.dtype), v.astype(self.dtype), mask, self.dtype,
+                               self.kernels))
 
     def cached(self, x, k_cache, v_cache, cache_mask, k_new, v_new, new_mask):
         """Attention over a KV cache plus the new tokens' own keys/values.
@@ -106,26 +111,19 @@ class Attention(nn.Module):
         return self.out(out.transpose(0, 2, 1, 3))
 
 
-def fused_attention_impl(dtype) -> str | None:
-    """The `jax.nn.dot_product_attention` implementation unmasked attention (encoder self-attention, decoder
-    cross-attention) uses, or None for the einsum path of `attend`: "cudnn" (fused flash attention) on NVIDIA GPUs
-    in bfloat16/float16 unless DWJAX_ATTENTION=xla; None elsewhere (CPU, TPU, float32), where the einsum path is
-    fused well by XLA on TPU and kept in cache on CPU."""
-    half = jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-    if jax.default_backend() == "gpu" and half and os.environ.get("DWJAX_ATTENTION", "auto") != "xla":
-        return "cudnn"
-    return None
+def machine_kernels(kernels: Kernels, dtype) -> Kernels:
+    """`kernels` with "auto" decided for this process's JAX backend and the compute dtype (`Kernels.resolve`)."""
+    return kernels.resolve(jax.default_backend(), jnp.dtype(dtype).name)
 
 
-QUERY_CHUNK = 300   # long unmasked attention (the encoder's 1500 positions) runs in query blocks of this size
-
-
-def attend(q, k, v, mask, dtype):
+def attend(q, k, v, mask, dtype, kernels: Kernels = Kernels()):
     """softmax(q k^T) v. Keys and values are heads-major (b, h, s, hd), so both products are plain batched
     matmuls (2x faster than the sequence-major einsums on CPU) and a cache is never transposed; long unmasked
-    queries (the encoder) go block by block so each block's scores stay in cache."""
+    queries (the encoder) go block by block (`kernels.query_chunk`) so each block's scores stay in cache.
+    Unmasked attention over several queries uses `jax.nn.dot_product_attention` when `kernels.attention` is
+    "cudnn" or "xla" (its implementation); everything else the einsums."""
     b, t, h, d = q.shape
-    impl = fused_attention_impl(dtype) if mask is None and t > 1 else None
+    impl = kernels.attention if mask is None and t > 1 and kernels.attention in ("cudnn", "xla") else None
     if impl:
         # a fused (flash) attention kernel: the (t, s) scores never reach memory. q is already scaled.
         return jax.nn.dot_product_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), scale=1.0,
@@ -138,9 +136,10 @@ def attend(q, k, v, mask, dtype):
             scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
         return jnp.einsum("bhts,bhsd->bhtd", jax.nn.softmax(scores, axis=-1).astype(dtype), v)
 
-    if mask is None and t > QUERY_CHUNK and t % QUERY_CHUNK == 0:
-        n = t // QUERY_CHUNK
-        blocks = qt.reshape(b, h, n, QUERY_CHUNK, d).transpose(2, 0, 1, 3, 4)
+    chunk = kernels.query_chunk
+    if mask is None and chunk and t > chunk and t % chunk == 0:
+        n = t // chunk
+        blocks = qt.reshape(b, h, n, chunk, d).transpose(2, 0, 1, 3, 4)
         out = jax.lax.map(lambda qc: block(qc, None), blocks)            # (n, b, h, chunk, d)
         out = out.transpose(1, 2, 0, 3, 4).reshape(b, h, t, d)
     else:
@@ -170,11 +169,13 @@ class EncoderLayer(nn.Module):
     cfg: WhisperConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x, _):
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        attn = Attention(c.encoder_heads, c.d_model // c.encoder_heads, c.d_model, name="self_attn", **kw)
+        attn = Attention(c.encoder_heads, c.d_model // c.encoder_heads, c.d_model, name="self_attn",
+                         kernels=self.kernels, **kw)
         h = LayerNorm(name="self_attn_norm", **kw)(x)
         k, v = attn.kv(h)
         x = x + attn(h, k, v, None)
@@ -187,6 +188,7 @@ class DecoderLayer(nn.Module):
     cfg: WhisperConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, x, layer_cache, enc_out, mask, cache_mask, index=None):
@@ -202,8 +204,8 @@ class DecoderLayer(nn.Module):
         the write made XLA copy every layer's cache twice per decoding step."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         hd = c.d_model // c.decoder_heads
-        self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", **kw)
-        cross_attn = Attention(c.decoder_heads, hd, c.d_model, name="cross_attn", **kw)
+        self_attn = Attention(c.decoder_heads, hd, c.d_model, name="self_attn", kernels=self.kernels, **kw)
+        cross_attn = Attention(c.decoder_heads, hd, c.d_model, name="cross_attn", kernels=self.kernels, **kw)
 
         h = LayerNorm(name="self_attn_norm", **kw)(x)
         k, v = self_attn.kv(h)
@@ -245,6 +247,7 @@ class Encoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, mel):
@@ -262,7 +265,7 @@ class Encoder(nn.Module):
         x = x + pos[: x.shape[1]].astype(self.dtype)
         x = nn.with_logical_constraint(x, ("batch", "enc_len", "embed"))
         x, _ = _stack(EncoderLayer, c.encoder_layers, self.scan_layers, self.remat, (nn.broadcast,), "layers",
-                      cfg=c, **kw)(x, None)
+                      cfg=c, kernels=self.kernels, **kw)(x, None)
         return LayerNorm(name="final_norm", **kw)(x)
 
 
@@ -272,6 +275,7 @@ class Decoder(nn.Module):
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    kernels: Kernels = Kernels()
 
     @nn.compact
     def __call__(self, tokens, enc_out, cache=None, return_hidden=False):
@@ -295,7 +299,7 @@ class Decoder(nn.Module):
         x = nn.with_logical_constraint(x, ("batch", "dec_len", "embed"))
         if cache is None:
             x, _ = _stack(DecoderLayer, c.decoder_layers, self.scan_layers, self.remat,
-                          (0, nn.broadcast, nn.broadcast, nn.broadcast), "layers", cfg=c, **kw)(
+                          (0, nn.broadcast, nn.broadcast, nn.broadcast), "layers", cfg=c, kernels=self.kernels, **kw)(
                 x, None, enc_out, mask, None)
             new_cache = None
         else:
@@ -305,7 +309,7 @@ class Decoder(nn.Module):
             # on CPU at base, batch 8). XLA does not hoist the parameter slices out of the loop either (a
             # copy of every layer's weights per step on CPU): decoding loops pass `unstack_decoder(params)`,
             # whose decoder "layers" is already a tuple of per-layer trees.
-            layer = DecoderLayer(cfg=c, parent=None, **kw)
+            layer = DecoderLayer(cfg=c, parent=None, kernels=self.kernels, **kw)
             stacked = self.variables["params"]["layers"]
             first_call = cache.get("cross_k") is None           # the layers compute cross keys/values now
             new_cache = dict(cache, index=cache["index"] + t, k=[], v=[])
@@ -351,16 +355,17 @@ def _write_rows(buf, new, index):
 
 class Whisper(nn.Module):
     """The whole model. `apply(params, mel, tokens)` gives teacher-forced logits; `method="encode"` /
-    `method="decode"` run the halves (decoding)."""
+    `method="decode"` run the halves (decoding). `kernels`: how it computes (defaults: "auto")."""
     cfg: WhisperConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = True
     remat: str = "none"
+    kernels: Kernels = Kernels()
 
     def setup(self):
         kw = dict(cfg=self.cfg, dtype=self.dtype, param_dtype=self.param_dtype, scan_layers=self.scan_layers,
-                  remat=self.remat)
+                  remat=self.remat, kernels=machine_kernels(self.kernels, self.dtype))
         self.encoder = Encoder(**kw)
         self.decoder = Decoder(**kw)
 
@@ -375,11 +380,11 @@ class Whisper(nn.Module):
 
 
 def encode_batch(model: "Whisper", params, mel, active=None):
-    """The encoder over a batch. On CPU one example at a time (`lax.map`): the same FLOPs, but each example's
-    activations stay in cache (0.6 s vs 0.96 s per base window at batch 8 on a 2-core machine); accelerators
-    take the whole batch at once. `active` (b,) bool, CPU only: rows where it is False (a last batch's padding)
-    are not encoded (zeros), without a new compilation per number of rows."""
-    if jax.default_backend() != "cpu" or mel.shape[0] == 1:
+    """The encoder over a batch: one example at a time (`lax.map`) when `model.kernels` says so (auto: on CPU,
+    where each example's activations then stay in cache), else the whole batch at once. `active` (b,) bool,
+    per-example only: rows where it is False (a last batch's padding) are not encoded (zeros), without a new
+    compilation per number of rows."""
+    if not machine_kernels(model.kernels, model.dtype).encode_per_example or mel.shape[0] == 1:
         return model.apply({"params": params}, mel, method="encode")
     one = lambda m: model.apply({"params": params}, m[None], method="encode")[0]
     if active is None:
