@@ -336,6 +336,7 @@ def test_evaluate_per_language_cer_wer_bleu_and_language_id(tmp_path, monkeypatc
     import sacrebleu
 
     import dwjax.evaluation as ev
+    from dwjax.evaluation_tables import markdown_table
     from dwjax.text.languages import score as language_score
     refs = ["Der Hund schläft unter dem Tisch.", "Die Katze sitzt auf dem Dach.", "今日は、晴れです。", "東京へ行きます",
             "The dog sleeps under the table.", "The cat is sitting on the roof."]
@@ -368,7 +369,7 @@ def test_evaluate_per_language_cer_wer_bleu_and_language_id(tmp_path, monkeypatc
     # translate rows were decoded with task translate, the others detected (language None); the first group's
     # first batch once more, untimed, before (the warm-up)
     assert fake.calls == [(None, "transcribe", 4), (None, "transcribe", 4), (None, "translate", 2)]
-    md = ev.markdown_table(res)
+    md = markdown_table(res)
     assert "| s | ja | transcribe | 2 | CER | 21.43 |" in md
     # --language manifest forces each row's language: one decoding group per (language, task)
     fake.calls.clear()
