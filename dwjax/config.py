@@ -479,7 +479,7 @@ def _check_values(cfg: Config) -> None:
     for spec in d.train:
         need(spec.weight > 0, f"data.train weight of {spec.name} must be > 0, got {spec.weight}")
         if spec.language is not None:
-            from dwjax.text.tokenizer import resolve_language
+            from dwjax.text.languages import resolve_language
             try:
                 resolve_language(spec.language)
             except ConfigError as e:

@@ -83,8 +83,7 @@ def read_set(spec: str, max_samples: Optional[int] = None):
     written in its language's script is a failure {"set", "id", "audio", "error"}, not an item (one failure per
     unknown language, however many rows have it); a manifest that cannot be read, or that lacks reference text,
     raises UserError."""
-    from dwjax.text.languages import script_problem
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language, script_problem
     from dwjax.data.manifest import parse_spec, read_dataset
     name, _ = parse_spec(spec)
     examples = read_dataset(spec)
@@ -298,7 +297,7 @@ def evaluate_set(transcriber, name: str, items, opts: EvalOptions, progress: boo
 
 
 def _code(language: str) -> str:
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language
     return resolve_language(language)
 
 

@@ -259,7 +259,7 @@ class DemoSummary:
 def parse_languages(languages: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'en,de,fr' (or a sequence) -> ("en", "de", "fr"): Whisper codes (names accepted) that have demo voices and
     sentences; UserError naming the ones that do not."""
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language
     items = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
     out = []
     for item in items:

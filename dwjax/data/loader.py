@@ -118,7 +118,7 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     if task is not None and task not in ("transcribe", "translate"):
         raise UserError(f"data.train {name}: task must be transcribe or translate, not {task!r}")
     if language is not None:
-        from dwjax.text.tokenizer import resolve_language
+        from dwjax.text.languages import resolve_language
         language = resolve_language(language)
     if not isinstance(rule, LabelFilter):
         rule = LabelFilter(wer_threshold=rule)
