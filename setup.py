@@ -12,7 +12,7 @@ setup(
     version="0.1.0",
     description="Distil-Whisper in JAX/Flax: pseudo-label, distil, evaluate and export Whisper students",
     packages=find_packages(include=["dwjax", "dwjax.*"]),
-    package_data={"dwjax": ["defaults/*.yaml", "data/*.tsv"]},
+    package_data={"dwjax": ["defaults/*.yaml", "demo/*.tsv"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

@@ -258,7 +258,7 @@ def test_config_dataset_language_and_task():
 
 @needs_tools
 def test_make_demo_data_languages(tmp_path, capsys):
-    from dwjax.data.sentences import translated_sentences
+    from dwjax.demo.sentences import translated_sentences
     rc = main(["make-demo-data", "--output", str(tmp_path / "d"), "--hours", "0.008", "--languages", "en,de,fr,es",
                "--splits", "train=0.5,test=0.5", "--workers", "1", "--no-progress"])
     assert rc == 0
@@ -287,8 +287,8 @@ def test_make_demo_data_languages(tmp_path, capsys):
 
 
 def test_every_language_has_sentences_voices_and_its_own_script():
-    from dwjax.data.demo import ESPEAK_LANGUAGE_VOICES
-    from dwjax.data.sentences import sentence_languages, translated_sentences
+    from dwjax.demo.synthesis import ESPEAK_LANGUAGE_VOICES
+    from dwjax.demo.sentences import sentence_languages, translated_sentences
     from dwjax.text.languages import script_problem
     assert sentence_languages() == sorted(ESPEAK_LANGUAGE_VOICES)
     for language in sentence_languages():
