@@ -15,7 +15,7 @@ setup(
     # `--topology NAME` finds it in an installed wheel (dwjax/config.py)
     packages=find_packages(include=["dwjax", "dwjax.*"]) + ["dwjax.tpu_configs"],
     package_dir={"dwjax.tpu_configs": "tpu_configs"},
-    package_data={"dwjax": ["data/*.tsv"], "dwjax.tpu_configs": ["*.yaml"]},
+    package_data={"dwjax": ["demo/*.tsv"], "dwjax.tpu_configs": ["*.yaml"]},
     python_requires=">=3.11",
     install_requires=[
         "jax>=0.10",

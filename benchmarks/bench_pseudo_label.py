@@ -56,7 +56,7 @@ def manifests(data: Path) -> list[Path]:
 def ensure_demo(data: Path, minutes: float) -> None:
     if data.is_file() or (data.is_dir() and any(data.glob("*.jsonl"))):
         return
-    from dwjax.data.demo import make_demo_data
+    from dwjax.demo.synthesis import make_demo_data
     print(f"making a {minutes:.0f}-minute demo set in {data} ...", flush=True)
     make_demo_data(output=str(data), hours=minutes / 60, progress=False)
 

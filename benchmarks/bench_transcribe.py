@@ -24,7 +24,7 @@ from _progress import progress, tick
 
 
 def ensure_data(directory: Path, clips: int) -> list[dict]:
-    from dwjax.data.demo import make_demo_data
+    from dwjax.demo.synthesis import make_demo_data
     from dwjax.data.manifest import read_dataset
     if not (directory / "test.jsonl").exists():
         make_demo_data(directory, hours=clips * 6.0 / 3600 * 1.05, seed=1234, splits={"test": 1.0},

@@ -26,7 +26,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from dwjax.data.packing import DEFAULT_PACK_S
 from dwjax.errors import ConfigError
 from dwjax.models.kernels import Kernels
-from dwjax.text.tokenizer import resolve_language
+from dwjax.text.languages import resolve_language
 
 #: where `--topology NAME` looks, in order: the working directory, the installed wheel (setup.py ships the
 #: repository's tpu_configs/ as dwjax/tpu_configs), a source checkout

@@ -11,7 +11,7 @@ dwjax/trainer.py's `Trainer` with four hooks, in this order: the batch log (ever
 (every step: the Checkpointer saves every checkpoint.save_every steps, at the end and on a stop, ranked by the
 evaluation of that step when there is one).
 
-Start (see dwjax/checkpoint.py): this run's newest complete checkpoint -> checkpoint.init_from -> model.student.
+Start (dwjax/checkpoint/__init__.py): this run's newest complete checkpoint -> checkpoint.init_from -> model.student.
 The data stream is a function of (data.seed, step), so a resumed run sees exactly the batches it would have seen.
 
 Packed label rows (`dwjax pseudo-label --pack`) train on their windows (dwjax/data/loader.py: window audio,
@@ -252,7 +252,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         fill_encoder_cache(cache, steps, teacher_params, teacher.cfg.n_mels, cfg,
                            cfg.train.per_device_batch_size * n_dev, cfg.data.num_workers)
 
-    # where to start (documented order in dwjax/checkpoint.py)
+    # where to start (documented order in dwjax/checkpoint/__init__.py)
     os.makedirs(out_dir, exist_ok=True) if mesh_lib.is_main_process() else None
     start = ckpt_lib.resolve_start(out_dir, cfg)
     checkpointer = ckpt_lib.Checkpointer(ckpt_lib.checkpoint_dir(out_dir), cfg)

@@ -7,7 +7,8 @@ after one untimed warm-up batch so compilation is not counted) and audio seconds
 sets. Long-form: recordings over 30 s use `method`; sets of short clips are also concatenated (in order, 0.5 s
 pauses) into recordings of `long_form_seconds` and transcribed with the long-form method. Noise: each utterance is
 mixed with white noise, babble (the sum of `babble_talkers` other utterances of the set) or a noise file at each SNR,
-with a seed fixed per utterance.
+with a seed fixed per utterance (dwjax/evaluation_sets.py builds the noisy copies and the long recordings;
+dwjax/evaluation_tables.py writes the results as markdown).
 
 Languages (dwjax/text/languages.py decides how each is scored). Each utterance has a language: its manifest
 `language`, else the forced `language` option, else the one the model detects (English for English-only models);
@@ -39,12 +40,12 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from dwjax.audio import SAMPLE_RATE, load_audio, load_audio_bytes, mix_at_snr, white_noise
+from dwjax.audio import SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.errors import AudioError, UserError
+from dwjax.evaluation_sets import long_recordings, noisy_audio
 from dwjax.text.wer import error_rates, repeated_ngrams
 
 RATE_KEYS = ("wer", "orthographic_wer", "ier", "ser", "der")
-MAX_LISTED_FAILURES = 20     # failures listed under the markdown table (the JSON has all)
 
 
 @dataclasses.dataclass
@@ -82,8 +83,7 @@ def read_set(spec: str, max_samples: Optional[int] = None):
     written in its language's script is a failure {"set", "id", "audio", "error"}, not an item (one failure per
     unknown language, however many rows have it); a manifest that cannot be read, or that lacks reference text,
     raises UserError."""
-    from dwjax.text.languages import script_problem
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language, script_problem
     from dwjax.data.manifest import parse_spec, read_dataset
     name, _ = parse_spec(spec)
     examples = read_dataset(spec)
@@ -235,57 +235,6 @@ def _language_table(items, results, languages, tasks, detected, teacher_detected
     return table
 
 
-def _babble(items, i, talkers, rng):
-    others = [j for j in range(len(items)) if j != i]
-    if not others:
-        raise UserError("babble noise needs at least two utterances in the set")
-    pick = rng.choice(others, size=min(talkers, len(others)), replace=False)
-    n = len(items[i][2])
-    mix = np.zeros(n, np.float64)
-    for j in pick:
-        a = np.asarray(items[j][2], np.float64)
-        a = np.resize(a, n)     # tile / crop to the utterance length
-        mix += a / max(np.sqrt(np.mean(a ** 2)), 1e-8)
-    return mix.astype(np.float32)
-
-
-def noisy_audio(items, kind: str, snr: float, seed: int, talkers: int = 4) -> list[np.ndarray]:
-    """The set's utterances mixed with `kind` noise at `snr` dB; deterministic per (seed, utterance index)."""
-    out = []
-    noise_file = None
-    if kind not in ("white", "babble"):
-        noise_file = load_audio(kind)
-    for i, (_, _, audio) in enumerate(items):
-        rng = np.random.default_rng([seed, i])
-        if kind == "white":
-            noise = white_noise(len(audio), rng)
-        elif kind == "babble":
-            noise = _babble(items, i, talkers, rng)
-        else:
-            noise = noise_file
-        out.append(mix_at_snr(audio, noise, float(snr), rng))
-    return out
-
-
-def _long_recordings(items, seconds: float):
-    """Consecutive utterances joined (0.5 s pauses) into recordings of about `seconds`: [(reference, audio)]."""
-    pause = np.zeros(SAMPLE_RATE // 2, np.float32)
-    recs, refs, parts, total = [], [], [], 0
-    for _, text, audio in items:
-        refs.append(text)
-        parts += [audio, pause]
-        total += len(audio) + len(pause)
-        if total >= seconds * SAMPLE_RATE:
-            recs.append((" ".join(refs), np.concatenate(parts)))
-            refs, parts, total = [], [], 0
-    if parts and (not recs or total > 30 * SAMPLE_RATE):
-        recs.append((" ".join(refs), np.concatenate(parts)))
-    elif parts:   # a short remainder joins the last recording
-        ref, audio = recs.pop()
-        recs.append((ref + " " + " ".join(refs), np.concatenate([audio] + parts)))
-    return recs
-
-
 def make_transcriber(model: str, assistant: Optional[str] = None, batch_size: int = 8, dtype: str = "float32",
                      k: int = 5):
     from dwjax.decoding.transcribe import Transcriber
@@ -348,7 +297,7 @@ def evaluate_set(transcriber, name: str, items, opts: EvalOptions, progress: boo
 
 
 def _code(language: str) -> str:
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language
     return resolve_language(language)
 
 
@@ -373,7 +322,7 @@ def _transcribe_all(transcriber, audios, opts: EvalOptions, progress: Optional[C
 
 def evaluate_long_form(transcriber, items, opts: EvalOptions, progress: bool = False, name: str = "") -> dict:
     from dwjax.decoding.longform import transcribe_long
-    recs = _long_recordings(items, opts.long_form_seconds)
+    recs = long_recordings(items, opts.long_form_seconds)
     hyps, wall, audio_s = [], 0.0, 0.0
     desc = f"evaluate {name} long-form" if name else "evaluate long-form"
     with _progress([a for _, a in recs], desc, progress) as bar:
@@ -508,60 +457,3 @@ def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, o
             "decoder_layers": cfg.decoder_layers, "encoder_layers": cfg.encoder_layers, "dtype": dtype,
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
             "sets": sets, "macro": macro(sets), "n_failed": len(failures), "failures": failures}
-
-
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
-
-
-def markdown_table(results: dict) -> str:
-    """The results of one `evaluate` call as markdown tables."""
-    head = "| set | n | WER | orth. WER | IER | SER | DER | rep. 5-grams | RTF | audio-s/s |"
-    lines = [f"**{results['label']}**", "", head, "|" + "---|" * 10]
-    for s in results["sets"]:
-        lines.append(f"| {s['name']} | {s['n']} | {_pct(s['wer'])} | {_pct(s['orthographic_wer'])} | "
-                     f"{_pct(s['ier'])} | {_pct(s['ser'])} | {_pct(s['der'])} | {s['repeated_5grams']} | "
-                     f"{s['rtf']:.4f} | {s['audio_s_per_s']:.1f} |")
-    m = results["macro"]
-    lines.append(f"| **macro** | | {_pct(m['wer'])} | {_pct(m['orthographic_wer'])} | {_pct(m['ier'])} | "
-                 f"{_pct(m['ser'])} | {_pct(m['der'])} | {m['repeated_5grams']} | {m['rtf']:.4f} | |")
-    per_lang = [(s["name"], row) for s in results["sets"] for row in s.get("languages") or []]
-    if any(row["language"] not in (None, "en") or row["task"] == "translate" or row["lid_accuracy"] is not None
-           for _, row in per_lang):
-        lines += ["", "| set | language | task | n | metric | error % | BLEU | LID accuracy % | LID agreement with "
-                      "teacher % |", "|---|---|---|---|---|---|---|---|---|"]
-        for name, row in per_lang:
-            bleu = "" if row["bleu"] is None else f"{row['bleu']:.1f}"
-            lines.append(f"| {name} | {row['language'] or '?'} | {row['task']} | {row['n']} | "
-                         f"{row['metric'].upper()} | {_pct(row['error_rate'])} | {bleu} | "
-                         f"{_pct(row['lid_accuracy'])} | {_pct(row['lid_agreement'])} |")
-    lf = [s for s in results["sets"] if "long_form" in s]
-    if lf:
-        lines += ["", "| set | long-form | recordings | WER | rep. 5-grams (ref) | RTF |", "|---|---|---|---|---|---|"]
-        for s in lf:
-            L = s["long_form"]
-            lines.append(f"| {s['name']} | {L['method']} | {L['recordings']} | {_pct(L['wer'])} | "
-                         f"{L['repeated_5grams']} ({L['repeated_5grams_ref']}) | {L['rtf']:.4f} |")
-    nz = [s for s in results["sets"] if "noise" in s]
-    if nz:
-        snrs = list(nz[0]["noise"]["snr"])
-        lines += ["", "| set | noise | " + " | ".join(f"{x} dB" for x in snrs) + " |", "|---|---|" + "---|" * len(snrs)]
-        for s in nz:
-            lines.append(f"| {s['name']} | {s['noise']['kind']} | " +
-                         " | ".join(_pct(s["noise"]["snr"][x]["wer"]) for x in snrs) + " |")
-    spec = [s for s in results["sets"] if "speculative" in s]
-    if spec:
-        lines += ["", "| set | α (acceptance) | draft tokens | teacher forwards | tokens / round |", "|---|---|---|---|---|"]
-        for s in spec:
-            st = s["speculative"]
-            lines.append(f"| {s['name']} | {st['acceptance_rate']:.3f} | {st['draft_tokens']} | "
-                         f"{st['teacher_forwards']} | {st['tokens_per_round']:.2f} |")
-    failures = results.get("failures") or []
-    if failures:
-        lines += ["", f"**{len(failures)} input(s) failed and were not scored:**", ""]
-        for f in failures[:MAX_LISTED_FAILURES]:
-            where = f"{f['set']}/{f['id']}" if f.get("id") is not None else f["set"]
-            lines.append(f"- {where}: {f['error']}")
-        if len(failures) > MAX_LISTED_FAILURES:
-            lines.append(f"- ... and {len(failures) - MAX_LISTED_FAILURES} more (all in the JSON's `failures`)")
-    return "\n".join(lines)

@@ -13,7 +13,7 @@ what an earlier hook of the same step produced (the checkpoint ranks by the eval
 
 `every=0` runs a hook after the last step only; `every=1` after every step (such a hook may decide itself, e.g.
 logging on the first step too). After a step at which a stop was requested (`should_stop(step)`, SIGTERM: see
-dwjax/checkpoint.py) the hooks whose turn it is run, then the others that must see a stop (`on_stop=True`:
+dwjax/checkpoint/preemption.py) the hooks whose turn it is run, then the others that must see a stop (`on_stop=True`:
 the checkpoint), and the loop ends.
 """
 from __future__ import annotations

@@ -154,7 +154,7 @@ def hf_generation_config(spec: DecodeSpec, vocab_size: int, max_initial_timestam
               is_multilingual=vocab_size >= 51865, max_initial_timestamp_index=max_initial_timestamp_index,
               max_length=448)
     if vocab_size >= 51865:
-        from dwjax.text.tokenizer import LANGUAGES
+        from dwjax.text.languages import LANGUAGES
         codes = list(LANGUAGES)[:len(ids["langs"])]
         kw["lang_to_id"] = {f"<|{c}|>": i for c, i in zip(codes, ids["langs"])}
         kw["task_to_id"] = {"transcribe": ids["transcribe"], "translate": ids["translate"]}

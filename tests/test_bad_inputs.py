@@ -229,7 +229,7 @@ def test_transcribe_names_each_file_and_exits_1(corpus, capsys):
 
 def test_make_demo_data_progress_in_audio_seconds(tmp_path, capsys, monkeypatch):
     """The synthesis tools are faked (3 s per clip): the bar on stderr reports audio-s/s, stdout the summary."""
-    import dwjax.data.demo as demo
+    import dwjax.demo.synthesis as demo
     monkeypatch.setattr(demo, "check_tools", lambda: None)
     monkeypatch.setattr(demo, "synthesise", lambda clip, path: 3.0)
     assert main(["make-demo-data", "--output", str(tmp_path / "d"), "--hours", "0.01", "--workers", "1"]) == 0

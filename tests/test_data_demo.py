@@ -11,9 +11,9 @@ import soundfile as sf
 
 from dwjax.cli import main as dwjax_main
 from dwjax.cli.make_demo_data import main as make_demo_main
-from dwjax.data.demo import make_demo_data, parse_splits
+from dwjax.demo.synthesis import make_demo_data, parse_splits
 from dwjax.data.manifest import Example, read_dataset, write_manifest
-from dwjax.data.sentences import generate_sentences, number_to_words
+from dwjax.demo.sentences import generate_sentences, number_to_words
 from dwjax.errors import UserError
 
 SPLITS = ("train", "validation", "test")

@@ -10,7 +10,9 @@ import soundfile as sf
 from dwjax.audio import SAMPLE_RATE
 from dwjax.cli.report import main as report_main
 from dwjax.errors import UserError
-from dwjax.evaluation import EvalOptions, evaluate, markdown_table, noisy_audio, score
+from dwjax.evaluation import EvalOptions, evaluate, score
+from dwjax.evaluation_sets import noisy_audio
+from dwjax.evaluation_tables import markdown_table
 
 WORDS = ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet"]
 

@@ -1,4 +1,4 @@
-"""dwjax get-game-speech / dwjax.data.game_speech: synthetic containers in the documented formats (default run),
+"""dwjax get-game-speech / dwjax.demo.game_speech: synthetic containers in the documented formats (default run),
 and the real extraction against ../shared/data/unlabelled (slow)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import soundfile as sf
 
 from dwjax.cli import main as dwjax_main
 from dwjax.cli import get_game_speech as cli
-from dwjax.data import game_speech as gs
+from dwjax.demo import game_speech as gs
 from dwjax.data.manifest import read_dataset
 from dwjax.errors import UserError
 

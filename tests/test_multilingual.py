@@ -258,7 +258,7 @@ def test_config_dataset_language_and_task():
 
 @needs_tools
 def test_make_demo_data_languages(tmp_path, capsys):
-    from dwjax.data.sentences import translated_sentences
+    from dwjax.demo.sentences import translated_sentences
     rc = main(["make-demo-data", "--output", str(tmp_path / "d"), "--hours", "0.008", "--languages", "en,de,fr,es",
                "--splits", "train=0.5,test=0.5", "--workers", "1", "--no-progress"])
     assert rc == 0
@@ -287,8 +287,8 @@ def test_make_demo_data_languages(tmp_path, capsys):
 
 
 def test_every_language_has_sentences_voices_and_its_own_script():
-    from dwjax.data.demo import ESPEAK_LANGUAGE_VOICES
-    from dwjax.data.sentences import sentence_languages, translated_sentences
+    from dwjax.demo.synthesis import ESPEAK_LANGUAGE_VOICES
+    from dwjax.demo.sentences import sentence_languages, translated_sentences
     from dwjax.text.languages import script_problem
     assert sentence_languages() == sorted(ESPEAK_LANGUAGE_VOICES)
     for language in sentence_languages():
@@ -336,6 +336,7 @@ def test_evaluate_per_language_cer_wer_bleu_and_language_id(tmp_path, monkeypatc
     import sacrebleu
 
     import dwjax.evaluation as ev
+    from dwjax.evaluation_tables import markdown_table
     from dwjax.text.languages import score as language_score
     refs = ["Der Hund schläft unter dem Tisch.", "Die Katze sitzt auf dem Dach.", "今日は、晴れです。", "東京へ行きます",
             "The dog sleeps under the table.", "The cat is sitting on the roof."]
@@ -368,7 +369,7 @@ def test_evaluate_per_language_cer_wer_bleu_and_language_id(tmp_path, monkeypatc
     # translate rows were decoded with task translate, the others detected (language None); the first group's
     # first batch once more, untimed, before (the warm-up)
     assert fake.calls == [(None, "transcribe", 4), (None, "transcribe", 4), (None, "translate", 2)]
-    md = ev.markdown_table(res)
+    md = markdown_table(res)
     assert "| s | ja | transcribe | 2 | CER | 21.43 |" in md
     # --language manifest forces each row's language: one decoding group per (language, task)
     fake.calls.clear()

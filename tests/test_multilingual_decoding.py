@@ -1,6 +1,6 @@
 """Token-exact against transformers (PyTorch) on the builtin multilingual base teacher for non-English prompts
 (issue 14): forced language, detected language and task=translate, greedy, on German, French and Spanish clips
-synthesised with espeak-ng from the sentences written for the demo (dwjax/data/multilingual_sentences.tsv).
+synthesised with espeak-ng from the sentences written for the demo (dwjax/demo/multilingual_sentences.tsv).
 
 dwjax's side is `Transcriber.transcribe_batch` (what `dwjax transcribe`, `evaluate` and the long-form decoders
 use) and the pseudo-labeller's sharded step (`dwjax pseudo-label`, with each row's language and task from the
@@ -31,7 +31,7 @@ def clips(tmp_path_factory):
     if shutil.which("espeak-ng") is None:
         pytest.skip("espeak-ng is not installed (apt-get install espeak-ng)")
     from dwjax.audio import load_audio
-    from dwjax.data.sentences import translated_sentences
+    from dwjax.demo.sentences import translated_sentences
     root = tmp_path_factory.mktemp("ml_clips")
     out = []
     for language in LANGUAGES:

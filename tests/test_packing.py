@@ -142,15 +142,15 @@ def test_pack_edge_cases():
 def test_other_packing_options_are_refused(tmp_path):
     from dwjax.errors import UserError
     from dwjax.pseudo_label import LabelOptions
-    from dwjax.pseudo_label.store import OPTIONS_FILE, _check_options
+    from dwjax.pseudo_label.options import OPTIONS_FILE, check_options
     opts = LabelOptions(teacher=TEACHER, output=str(tmp_path))
     old = {k: v for k, v in opts.fixed().items() if not k.startswith("pack")}     # a run before --pack existed
     (tmp_path / OPTIONS_FILE).write_text(json.dumps(old))
-    assert _check_options(tmp_path, opts) is not None                             # same options: accepted
+    assert check_options(tmp_path, opts) is not None                             # same options: accepted
     import dataclasses
     for change in (dict(pack=True), dict(pack_gap_s=0.3), dict(pack_max_s=20.0)):
         with pytest.raises(UserError, match=next(iter(change))):
-            _check_options(tmp_path, dataclasses.replace(opts, **change))
+            check_options(tmp_path, dataclasses.replace(opts, **change))
 
 
 # ---------------------------------------------------------------------------------------------- pseudo-label --pack

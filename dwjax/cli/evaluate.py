@@ -105,7 +105,8 @@ def resolve(args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     conf = resolve(args)
-    from dwjax.evaluation import EvalOptions, evaluate, markdown_table
+    from dwjax.evaluation import EvalOptions, evaluate
+    from dwjax.evaluation_tables import markdown_table
     opts = EvalOptions()
     for key in ("batch_size", "max_samples", "long_form", "long_form_seconds", "chunk_length", "noise", "seed",
                 "max_new_tokens", "language", "task", "teacher", "k"):

@@ -13,7 +13,7 @@ ar/tar reader where dpkg-deb is missing) and writes
     DIR/train.jsonl, DIR/heldout.jsonl   with --holdout F: a speaker-disjoint split (`split_by_speaker`);
                                          --train-hours H keeps about H hours of train.jsonl (`first_share`)
 
-The clips are those of ../shared/data/unlabelled (same ids, names and durations). See dwjax/data/game_speech.py.
+The clips are those of ../shared/data/unlabelled (same ids, names and durations). See dwjax/demo/game_speech.py.
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import time
 import urllib.parse
 from pathlib import Path
 
-from dwjax.data.game_speech import extract_bass, extract_fotaq
+from dwjax.demo.game_speech import extract_bass, extract_fotaq
 from dwjax.data.manifest import write_manifest
 from dwjax.errors import UserError
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from dwjax.data.demo import DEFAULT_SPLITS, ESPEAK_LANGUAGE_VOICES, make_demo_data, parse_splits
+from dwjax.demo.synthesis import DEFAULT_SPLITS, ESPEAK_LANGUAGE_VOICES, make_demo_data, parse_splits
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -57,6 +57,20 @@ def _cpu_device_count() -> int:
         return 0
 
 
+def _jax_started(n: int) -> bool:
+    """Whether JAX's backends are already up (XLA_FLAGS no longer counts then), unless they started with
+    `jax_num_cpu_devices` = `n`. JAX has no public query for it, but refuses (RuntimeError) to change
+    `jax_num_cpu_devices` once its backends are up; before, that setting asks for `n` devices as XLA_FLAGS does."""
+    if "jax" not in sys.modules:
+        return False
+    import jax
+    try:
+        jax.config.update("jax_num_cpu_devices", n)
+    except RuntimeError:
+        return True
+    return False
+
+
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
     cfg = config_from_args(args)
@@ -64,11 +78,7 @@ def main(argv: list[str]) -> int:
         raise ConfigError("dwjax plan needs a topology with a `devices:` section: pass --topology NAME "
                           "(a file in tpu_configs/, e.g. v4-8, gpu-8xh100, cpu)")
     n = cfg.devices.count
-    jax_started = False
-    if "jax" in sys.modules:
-        from jax._src import xla_bridge
-        jax_started = xla_bridge.backends_are_initialized()
-    if not jax_started:
+    if not _jax_started(n):
         os.environ.update(device_env(os.environ, n))
     elif _cpu_device_count() < n:
         if os.environ.get(_CHILD):

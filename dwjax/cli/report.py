@@ -14,6 +14,7 @@ import math
 from pathlib import Path
 
 from dwjax.errors import UserError
+from dwjax.evaluation_tables import percent
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,10 +42,6 @@ def load(paths) -> list[dict]:
     return out
 
 
-def _pct(x) -> str:
-    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f}"
-
-
 def relative_latency(results: list[dict], baseline: str | None = None) -> list[float]:
     rtfs = [r["macro"]["rtf"] for r in results]
     if baseline:
@@ -65,9 +62,9 @@ def table(results: list[dict], rel: list[float]) -> str:
     for r, x in zip(results, rel):
         m = r["macro"]
         per = {s["name"]: s["wer"] for s in r["sets"]}
-        row = [r["label"], r.get("kind", ""), str(r.get("decoder_layers", "")), _pct(m["wer"]),
-               _pct(m.get("long_form_wer")), _pct(m["ier"]), str(m["repeated_5grams"]), f"{m['rtf']:.4f}",
-               f"{x:.2f}", f"{1 / x:.2f}x" if x else "n/a"] + [_pct(per.get(s)) for s in sets]
+        row = [r["label"], r.get("kind", ""), str(r.get("decoder_layers", "")), percent(m["wer"]),
+               percent(m.get("long_form_wer")), percent(m["ier"]), str(m["repeated_5grams"]), f"{m['rtf']:.4f}",
+               f"{x:.2f}", f"{1 / x:.2f}x" if x else "n/a"] + [percent(per.get(s)) for s in sets]
         lines.append("| " + " | ".join(row) + " |")
     noisy = [r for r in results if "noise" in r["macro"]]
     if noisy:
@@ -76,7 +73,7 @@ def table(results: list[dict], rel: list[float]) -> str:
                   "|---|---|" + "---|" * len(snrs)]
         for r in noisy:
             kind = next((s["noise"]["kind"] for s in r["sets"] if "noise" in s), "")
-            lines.append(f"| {r['label']} | {kind} | " + " | ".join(_pct(r["macro"]["noise"].get(s)) for s in snrs)
+            lines.append(f"| {r['label']} | {kind} | " + " | ".join(percent(r["macro"]["noise"].get(s)) for s in snrs)
                          + " |")
     return "\n".join(lines)
 

@@ -85,7 +85,7 @@ def judge(row: dict, rule: LabelFilter, counts: Optional[dict] = None) -> Option
         if counts is not None:
             counts[key] += 1
 
-    if row.get("status", "ok") != "ok":
+    if (row.get("status") or "ok") != "ok":           # no status (labels without the column): ok
         return "dropped_status"
     bump("ok")
     wer = _score(row, "wer")

@@ -62,6 +62,7 @@ import numpy as np
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.data.label_filter import LabelFilter, format_counts, judge, new_counts
+from dwjax.data.label_store import read_part
 from dwjax.errors import UserError
 
 
@@ -118,7 +119,7 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     if task is not None and task not in ("transcribe", "translate"):
         raise UserError(f"data.train {name}: task must be transcribe or translate, not {task!r}")
     if language is not None:
-        from dwjax.text.tokenizer import resolve_language
+        from dwjax.text.languages import resolve_language
         language = resolve_language(language)
     if not isinstance(rule, LabelFilter):
         rule = LabelFilter(wer_threshold=rule)
@@ -193,7 +194,7 @@ def _plain_tokens(tok, tokens: list[int]) -> list[int]:
     return tok.encode(" " + text) if text else []
 
 
-#: columns `read_labelled` needs (the pseudo-labeller writes these and more: SCHEMA in dwjax/pseudo_label/store.py)
+#: columns `read_labelled` needs (the pseudo-labeller writes these and more: SCHEMA in dwjax/data/label_store.py)
 REQUIRED_COLUMNS = ("id", "audio", "token_ids")
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt")
 
@@ -234,20 +235,8 @@ def _looks_like_text(path: str) -> bool:
 
 
 def _read_part(file: str) -> list[dict]:
-    """One parquet label file as rows; a missing, truncated or foreign file is a UserError naming it."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    try:
-        table = pq.read_table(file)
-    except (pa.ArrowException, OSError, ValueError) as e:
-        detail = " ".join(str(e).split())
-        raise UserError(f"pseudo-label file {file} cannot be read (corrupt or truncated? {detail[:200]}): "
-                        f"remove it and rerun `dwjax pseudo-label` on the same output to relabel its rows") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.column_names]
-    if missing:
-        raise UserError(f"{file} is not a pseudo-label file (no column {', '.join(missing)}): "
-                        f"{_pseudo_label_hint(file)}")
-    return table.to_pylist()
+    """One label file's rows through the label store (a foreign file is a UserError naming it, with the hint)."""
+    return read_part(file, required=REQUIRED_COLUMNS, hint=_pseudo_label_hint(file)).to_pylist()
 
 
 def row_source(sets: Sequence[LabelledSet], seed: int, g: int) -> tuple[int, int]:

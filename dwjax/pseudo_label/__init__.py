@@ -97,20 +97,20 @@ from typing import Optional, Sequence
 import numpy as np
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
+from dwjax.data.label_store import PART_GLOB, SCHEMA, completed_keys, part_files, read_labels
 from dwjax.data.manifest import Example, read_dataset
 from dwjax.errors import UserError
-from dwjax.pseudo_label.options import LabelOptions
+from dwjax.pseudo_label.options import OPTIONS_FILE, LabelOptions, check_options
 from dwjax.pseudo_label.packed import _TOTALS, _run_packed
 from dwjax.pseudo_label.per_clip import _run_per_clip
 from dwjax.pseudo_label.rows import FAILURE_KINDS, NO_SPEECH, is_failure, runaway_limit, status_kind
-from dwjax.pseudo_label.store import (OPTIONS_FILE, PART_GLOB, SCHEMA, SUMMARY_COLUMNS, SUMMARY_FILE, _check_options,
-                                      completed_keys, part_files, read_labels)
-from dwjax.pseudo_label.summary import THRESHOLDS, format_summary, summarise
+from dwjax.pseudo_label.summary import SUMMARY_COLUMNS, SUMMARY_FILE, THRESHOLDS, format_summary, summarise
 from dwjax.pseudo_label.teacher import Teacher, _check_languages, label_step, local_row_range
 
-# the package is split by concern (docs/DESIGN.md): options, store (the part files), rows, teacher, the two
-# runs (per_clip, packed) and summary; here the run itself. Besides __all__, `label_step`
-# (benchmarks/bench_accelerator.py) and `runaway_limit` stay importable from dwjax.pseudo_label.
+# the package is split by concern (docs/DESIGN.md): options, rows, teacher, the two runs (per_clip, packed) and
+# summary; here the run itself. The part files are the data layer's label store (dwjax/data/label_store.py).
+# Besides __all__, `label_step` (benchmarks/bench_accelerator.py) and `runaway_limit` stay importable from
+# dwjax.pseudo_label.
 
 __all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
            "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB", "FAILURE_KINDS", "NO_SPEECH", "is_failure",
@@ -190,7 +190,7 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
 
     # what is done: every process reads every part, then all agree before anyone writes
     examples = _sorted_examples(specs)
-    _check_options(output, opts)
+    check_options(output, opts)
     done = completed_keys(output)
     if is_main_process():
         for stale in output.glob(".labels-*.tmp"):

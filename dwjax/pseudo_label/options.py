@@ -1,4 +1,5 @@
-"""The options of a labelling run (`LabelOptions`) and which of them a resumption must keep (`fixed`).
+"""The options of a labelling run (`LabelOptions`), which of them a resumption must keep (`fixed`), and the check
+that it keeps them (`check_options`, against the run's labelling.json).
 
 `LabelOptions.from_config(cfg)` is what `dwjax pseudo-label` runs with: the config's `label:` section (its flags
 set it) plus the teacher and numerics of `model:`; the defaults here are those of the config
@@ -6,9 +7,15 @@ set it) plus the teacher and numerics of `model:`; the defaults here are those o
 from __future__ import annotations
 
 import dataclasses
+import json
+from pathlib import Path
 from typing import Optional
 
 from dwjax.config import Config, DataConfig, LabelConfig, ModelConfig
+from dwjax.errors import UserError
+
+#: the options of the run that made the labels, beside its part files
+OPTIONS_FILE = "labelling.json"
 
 #: options that must not change between a run and its resumption
 _FIXED_OPTIONS = ("teacher", "timestamps", "language", "task", "num_beams", "max_new_tokens", "dtype", "pack",
@@ -58,3 +65,20 @@ class LabelOptions:
 
 #: the value an option had before it was recorded in labelling.json (older runs)
 _OPTION_DEFAULTS = {f.name: f.default for f in dataclasses.fields(LabelOptions)}
+
+
+def check_options(output: Path, opts: LabelOptions) -> Optional[dict]:
+    """The options of an earlier run in `output`, refusing a resumption with different ones."""
+    path = output / OPTIONS_FILE
+    if not path.exists():
+        return None
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path}: unreadable ({e}); delete it only if the labels were made with the same options")
+    diff = [f"{k}: {old.get(k, _OPTION_DEFAULTS.get(k))!r} -> {v!r}" for k, v in opts.fixed().items()
+            if old.get(k, _OPTION_DEFAULTS.get(k)) != v]
+    if diff:
+        raise UserError(f"{output} holds labels made with other options ({'; '.join(diff)}); "
+                        "use a new --output directory or the same options")
+    return old

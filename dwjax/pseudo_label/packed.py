@@ -14,12 +14,12 @@ from typing import Optional
 import numpy as np
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
+from dwjax.data.label_store import next_part_index, write_part
 from dwjax.data.manifest import Example
 from dwjax.errors import AudioError
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _Loaded, _report_failure, _speech_seconds,
                                      is_failure, looped, ran_away, runaway_row)
-from dwjax.pseudo_label.store import _next_part_index, _write_part
 from dwjax.pseudo_label.teacher import Teacher, _local_transcriber, _long_row
 
 #: per-process counts summed over processes at the end of a run (the first four for every run, the rest --pack)
@@ -99,7 +99,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
 
     counts = dict.fromkeys(_TOTALS, 0)
     counts["audio_s"] = 0.0
-    part_index = _next_part_index(output, proc, n_proc)
+    part_index = next_part_index(output, proc, n_proc)
     local_cache: dict = {}
     bar = None
     if is_main_process() and opts.progress and (n_batches or own_rows):
@@ -239,7 +239,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
             account(rows)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
-                _write_part(output, proc, n_proc, part_index, buffer)
+                write_part(output, proc, n_proc, part_index, buffer)
                 part_index += 1
                 buffer = []
             if bar is not None:   # process 0's clip audio (no gaps), scaled to all processes
@@ -248,7 +248,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
                 bar.set_postfix_str(f"~{audio_s / 3600:.3f} h audio, ~{audio_s / max(time.time() - t0, 1e-9):.2f} "
                                     "audio-s/s", refresh=False)
     if buffer:
-        _write_part(output, proc, n_proc, part_index, buffer)
+        write_part(output, proc, n_proc, part_index, buffer)
     if bar is not None:
         bar.close()
     counts["wall"] = time.time() - t0

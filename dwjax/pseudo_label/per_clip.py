@@ -12,11 +12,11 @@ from typing import Optional
 import numpy as np
 
 from dwjax.audio import N_SAMPLES
+from dwjax.data.label_store import next_part_index, write_part
 from dwjax.data.manifest import Example
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _report_failure, _transcript_row, is_failure,
                                      ran_away, runaway_row)
-from dwjax.pseudo_label.store import _next_part_index, _write_part
 from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber, _long_row
 
 
@@ -33,7 +33,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
               f"({opts.batch_size} per device x {n_dev} devices, {n_local} rows per process x {n_proc} processes)",
               flush=True)
 
-    part_index = _next_part_index(output, proc, n_proc)
+    part_index = next_part_index(output, proc, n_proc)
     buffer: list[dict] = []
     local_audio_s, local_rows, local_ok, local_failed = 0.0, 0, 0, 0
     local_cache: dict = {}
@@ -115,7 +115,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
                     _report_failure(r, bar)
             buffer.extend(rows)
             if buffer and ((g + 1) % opts.commit_every == 0 or g + 1 == n_batches):
-                _write_part(output, proc, n_proc, part_index, buffer)
+                write_part(output, proc, n_proc, part_index, buffer)
                 part_index += 1
                 buffer = []
             if bar is not None:   # process 0's audio, scaled to all processes (no communication)

@@ -62,7 +62,7 @@ def _scored_language(language: Optional[str], task: Optional[str]) -> Optional[s
 
 def _safe_language(language: Optional[str]) -> Optional[str]:
     """`language` when dwjax.text.languages knows it, else None (scored as English)."""
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language
     try:
         return resolve_language(language) if language else None
     except UserError:

@@ -10,9 +10,12 @@ from typing import Any, Optional
 import numpy as np
 
 from dwjax.pseudo_label.rows import NO_SPEECH, RUNAWAY, _safe_language, _scored_language, _speech_seconds, status_kind
-from dwjax.pseudo_label.store import SUMMARY_COLUMNS
 
 THRESHOLDS = (5, 10, 20, 40, 80)          # WER % thresholds reported in the summary
+SUMMARY_FILE = "summary.json"
+#: columns `summarise` reads (not the audio bytes)
+SUMMARY_COLUMNS = ("dataset", "id", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text",
+                   "members", "language", "task", "language_source")
 
 
 def _percentile(sorted_values: list[float], q: float) -> float:

@@ -95,7 +95,7 @@ class Teacher:
         try:
             code = check_language(e.language, self.tok, f"the teacher {self.opts.teacher}")
         except ConfigError as err:
-            from dwjax.text.tokenizer import LANGUAGES, resolve_language
+            from dwjax.text.languages import LANGUAGES, resolve_language
             try:
                 known = resolve_language(e.language) in LANGUAGES
             except ConfigError:

@@ -1,5 +1,6 @@
 """Per-language scoring and checks: the one place that decides how a language's text is normalised and scored.
 
+    LANGUAGES, resolve_language(name_or_code) -> OpenAI's language codes and names; a code from either
     metric(language)                   -> "wer" or "cer"
     normalizer(language)               -> the text normaliser scores of `language` use
     score(language, refs, hyps)        -> {"metric", "rate", "n_ref", ...} corpus rates of one language
@@ -27,10 +28,54 @@ from typing import Callable, Optional, Sequence
 
 from dwjax.errors import ConfigError
 from dwjax.text.normalizer import normalize_basic, normalize_english
-from dwjax.text.tokenizer import LANGUAGES, resolve_language
 
-__all__ = ["NO_SPACE_LANGUAGES", "SCRIPTS", "metric", "normalizer", "score", "check_language", "script_problem",
-           "language_name"]
+__all__ = ["LANGUAGES", "resolve_language", "NO_SPACE_LANGUAGES", "SCRIPTS", "metric", "normalizer", "score",
+           "check_language", "script_problem", "language_name"]
+
+# OpenAI's language codes, in token order (the first 99 are in every Whisper vocabulary; "yue"
+# only in large-v3 and later), and their English names.
+LANGUAGES: dict[str, str] = {
+    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
+    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
+    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
+    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
+    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
+    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
+    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
+    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
+    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
+    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
+    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
+    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
+    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
+    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
+    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
+    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
+    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
+    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
+    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
+    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
+}
+# other names people use for the same languages
+_LANGUAGE_ALIASES: dict[str, str] = {
+    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
+    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
+    "castilian": "es", "mandarin": "zh",
+}
+
+
+def resolve_language(language: str) -> str:
+    """A Whisper language code from a code ("en") or a name ("English", "burmese")."""
+    key = language.strip().lower()
+    if key in LANGUAGES:
+        return key
+    for code, name in LANGUAGES.items():
+        if name == key:
+            return code
+    if key in _LANGUAGE_ALIASES:
+        return _LANGUAGE_ALIASES[key]
+    raise ConfigError(f"unknown language {language!r}; use a Whisper language code such as 'en' or a name such as 'english'")
+
 
 #: languages written without spaces between words: scored with the character error rate
 NO_SPACE_LANGUAGES = frozenset({"zh", "yue", "ja", "th", "lo", "my", "km", "bo"})

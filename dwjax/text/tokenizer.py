@@ -7,8 +7,9 @@ token written with GPT-2's byte-to-unicode mapping) or from a transformers direc
 Encoding is tiktoken's: the vocabulary's byte tokens, in id order, are its mergeable ranks (the id
 *is* the merge rank) and GPT-2's pre-tokenisation regex its pattern, exactly how OpenAI's whisper
 builds its encodings; this module adds the Whisper layer (special, language and timestamp tokens,
-prompts, timestamp decoding). The file writers (vocabulary.txt, transformers' files with merges
-derived from the ranks) are in dwjax/weights/tokenizer_files.py.
+prompts, timestamp decoding). The language codes and names are in dwjax/text/languages.py, the file
+writers (vocabulary.txt, transformers' files with merges derived from the ranks) in
+dwjax/weights/tokenizer_files.py.
 
 Ids ``< eot`` are ordinary (byte) tokens; ``eot`` (``<|endoftext|>``) and everything after it
 are special: ``<|startoftranscript|>``, the language tokens, ``<|translate|>``,
@@ -25,40 +26,10 @@ import re
 from functools import lru_cache
 from typing import Iterable, Sequence
 
-from dwjax.errors import ConfigError, WeightsError
-
 import tiktoken
 
-# OpenAI's language codes, in token order (the first 99 are in every Whisper vocabulary; "yue"
-# only in large-v3 and later), and their English names.
-LANGUAGES: dict[str, str] = {
-    "en": "english", "zh": "chinese", "de": "german", "es": "spanish", "ru": "russian",
-    "ko": "korean", "fr": "french", "ja": "japanese", "pt": "portuguese", "tr": "turkish",
-    "pl": "polish", "ca": "catalan", "nl": "dutch", "ar": "arabic", "sv": "swedish",
-    "it": "italian", "id": "indonesian", "hi": "hindi", "fi": "finnish", "vi": "vietnamese",
-    "he": "hebrew", "uk": "ukrainian", "el": "greek", "ms": "malay", "cs": "czech",
-    "ro": "romanian", "da": "danish", "hu": "hungarian", "ta": "tamil", "no": "norwegian",
-    "th": "thai", "ur": "urdu", "hr": "croatian", "bg": "bulgarian", "lt": "lithuanian",
-    "la": "latin", "mi": "maori", "ml": "malayalam", "cy": "welsh", "sk": "slovak",
-    "te": "telugu", "fa": "persian", "lv": "latvian", "bn": "bengali", "sr": "serbian",
-    "az": "azerbaijani", "sl": "slovenian", "kn": "kannada", "et": "estonian", "mk": "macedonian",
-    "br": "breton", "eu": "basque", "is": "icelandic", "hy": "armenian", "ne": "nepali",
-    "mn": "mongolian", "bs": "bosnian", "kk": "kazakh", "sq": "albanian", "sw": "swahili",
-    "gl": "galician", "mr": "marathi", "pa": "punjabi", "si": "sinhala", "km": "khmer",
-    "sn": "shona", "yo": "yoruba", "so": "somali", "af": "afrikaans", "oc": "occitan",
-    "ka": "georgian", "be": "belarusian", "tg": "tajik", "sd": "sindhi", "gu": "gujarati",
-    "am": "amharic", "yi": "yiddish", "lo": "lao", "uz": "uzbek", "fo": "faroese",
-    "ht": "haitian creole", "ps": "pashto", "tk": "turkmen", "nn": "nynorsk", "mt": "maltese",
-    "sa": "sanskrit", "lb": "luxembourgish", "my": "myanmar", "bo": "tibetan", "tl": "tagalog",
-    "mg": "malagasy", "as": "assamese", "tt": "tatar", "haw": "hawaiian", "ln": "lingala",
-    "ha": "hausa", "ba": "bashkir", "jw": "javanese", "su": "sundanese", "yue": "cantonese",
-}
-# other names people use for the same languages
-_LANGUAGE_ALIASES: dict[str, str] = {
-    "burmese": "my", "valencian": "ca", "flemish": "nl", "haitian": "ht", "letzeburgesch": "lb",
-    "pushto": "ps", "panjabi": "pa", "moldavian": "ro", "moldovan": "ro", "sinhalese": "si",
-    "castilian": "es", "mandarin": "zh",
-}
+from dwjax.errors import ConfigError, WeightsError
+from dwjax.text.languages import LANGUAGES, resolve_language
 
 # codes some older vocabularies use ("<|iw|>" in the English-only ones) -> today's code
 _OLD_CODES: dict[str, str] = {"iw": "he"}
@@ -103,24 +74,6 @@ def _token_bytes(token: str) -> bytes:
         return bytes(u2b[c] for c in token)
     except KeyError as e:
         raise WeightsError(f"vocabulary token {token!r} is not a GPT-2 byte-level token") from e
-
-
-def _bytes_token(data: bytes) -> str:
-    b2u = byte_to_unicode()
-    return "".join(b2u[b] for b in data)
-
-
-def resolve_language(language: str) -> str:
-    """A Whisper language code from a code ("en") or a name ("English", "burmese")."""
-    key = language.strip().lower()
-    if key in LANGUAGES:
-        return key
-    for code, name in LANGUAGES.items():
-        if name == key:
-            return code
-    if key in _LANGUAGE_ALIASES:
-        return _LANGUAGE_ALIASES[key]
-    raise ConfigError(f"unknown language {language!r}; use a Whisper language code such as 'en' or a name such as 'english'")
 
 
 class WhisperTokenizer:

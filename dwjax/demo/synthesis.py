@@ -17,7 +17,7 @@ Splits are made per sentence: every clip of one sentence lands in the same split
 Several languages (`languages=("en", "de", "fr", ...)`, `dwjax make-demo-data --languages en,de,fr`): clip `i` is
 in language `languages[i % len(languages)]`, so every language gets about the same amount of audio. English clips
 are made as above; the others speak the sentences written for the purpose in `multilingual_sentences.tsv`
-(`dwjax.data.sentences.translated_sentences`, cycled with fresh voices and rates) with espeak-ng's voice for the
+(`dwjax.demo.sentences.translated_sentences`, cycled with fresh voices and rates) with espeak-ng's voice for the
 language (ESPEAK_LANGUAGE_VOICES, with its male and female variants). Rows carry their `language`; those of other
 languages than English also carry `translation` (the sentence's English translation), and each split with such
 rows gets a second manifest `<split>.translate.jsonl` of the same clips with `task: translate` and the
@@ -43,7 +43,7 @@ import numpy as np
 import soundfile as sf
 
 from dwjax.data.manifest import write_manifest
-from dwjax.data.sentences import iter_sentences, translated_sentences
+from dwjax.demo.sentences import iter_sentences, translated_sentences
 from dwjax.errors import UserError
 
 __all__ = ["FLITE_VOICES", "ESPEAK_VOICES", "ESPEAK_LANGUAGE_VOICES", "DemoSummary", "make_demo_data", "parse_splits",
@@ -259,7 +259,7 @@ class DemoSummary:
 def parse_languages(languages: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'en,de,fr' (or a sequence) -> ("en", "de", "fr"): Whisper codes (names accepted) that have demo voices and
     sentences; UserError naming the ones that do not."""
-    from dwjax.text.tokenizer import resolve_language
+    from dwjax.text.languages import resolve_language
     items = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
     out = []
     for item in items:

@@ -1,5 +1,10 @@
-"""The label store under an output directory: the part files (SCHEMA), reading them back, the ids already labelled,
-writing a part atomically, and the options a resumption must keep (labelling.json)."""
+"""The label store: the part files `dwjax pseudo-label` writes under its output directory (SCHEMA), written
+atomically, and the one reader of label parquet files: `read_part` (one file, as training reads each file of
+data.train) and `read_labels` (every committed part of an output directory), plus the ids already labelled.
+
+A file written by an older version, which lacks some of SCHEMA's columns, reads with those columns null; columns
+outside SCHEMA are left out. An unreadable file (truncated, corrupt, not parquet) is a one-line UserError naming
+it."""
 from __future__ import annotations
 
 import json
@@ -12,12 +17,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from dwjax.errors import UserError
-from dwjax.pseudo_label.options import _OPTION_DEFAULTS, LabelOptions
 
 PART_GLOB = "labels-*-of-*-part*.parquet"
 PART_RE = re.compile(r"^labels-(\d{5})-of-(\d{5})-part(\d{5})\.parquet$")
-OPTIONS_FILE = "labelling.json"
-SUMMARY_FILE = "summary.json"
 
 
 SCHEMA = pa.schema([
@@ -45,9 +47,6 @@ SCHEMA = pa.schema([
     ("audio_bytes", pa.binary()),            # a clip held as bytes (a datasets Audio column): its encoded file
     ("member_audio_bytes", pa.list_(pa.binary())),  # packed windows of such clips: each member's file, in order
 ])
-#: columns `summarise` reads (not the audio bytes)
-SUMMARY_COLUMNS = ("dataset", "id", "status", "duration_s", "reference", "reference_encoding_errors", "wer", "text",
-                   "members", "language", "task", "language_source")
 
 
 def part_files(output: str | os.PathLike) -> list[Path]:
@@ -58,17 +57,28 @@ def part_files(output: str | os.PathLike) -> list[Path]:
     return sorted(p for p in directory.iterdir() if PART_RE.match(p.name) and p.is_file())
 
 
-def read_labels(output: str | os.PathLike, columns: Optional[Sequence[str]] = None):
+def read_part(path: str | os.PathLike, columns: Optional[Sequence[str]] = None, required: Sequence[str] = (),
+              hint: str = "`dwjax pseudo-label` writes them") -> pa.Table:
+    """One label file as a Table with SCHEMA's columns (or `columns` of them). UserError naming the file when it
+    cannot be read, or when it lacks one of the `required` columns (then `hint` follows: what to do instead)."""
+    try:
+        have = pq.read_schema(path).names
+        table = pq.read_table(path, columns=list(columns) if columns else None, schema=SCHEMA)
+    except (pa.ArrowException, OSError, ValueError) as e:
+        detail = " ".join(str(e).split())
+        raise UserError(f"pseudo-label file {path} cannot be read (corrupt or truncated? {detail[:200]}): "
+                        f"remove it and rerun `dwjax pseudo-label` on the same output to relabel its rows") from None
+    missing = [c for c in required if c not in have]
+    if missing:
+        raise UserError(f"{path} is not a pseudo-label file (no column {', '.join(missing)}): {hint}")
+    return table
+
+
+def read_labels(output: str | os.PathLike, columns: Optional[Sequence[str]] = None) -> pa.Table:
     """Every committed row under `output` as one pyarrow Table (empty, with SCHEMA, when there is none)."""
-    schema = SCHEMA
-    tables = []
-    for path in part_files(output):
-        try:
-            tables.append(pq.read_table(path, columns=list(columns) if columns else None, schema=schema))
-        except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: unreadable part file ({e}); delete it to relabel its rows") from None
+    tables = [read_part(path, columns) for path in part_files(output)]
     if not tables:
-        schema = pa.schema([schema.field(c) for c in columns]) if columns else schema
+        schema = pa.schema([SCHEMA.field(c) for c in columns]) if columns else SCHEMA
         return schema.empty_table()
     return pa.concat_tables(tables)
 
@@ -87,13 +97,15 @@ def completed_keys(output: str | os.PathLike) -> set[tuple[str, str]]:
     return done
 
 
-def _next_part_index(output: Path, process: int, n_processes: int) -> int:
+def next_part_index(output: Path, process: int, n_processes: int) -> int:
+    """The index of the next part file process `process` (of `n_processes`) writes under `output`."""
     taken = [int(m.group(3)) for p in part_files(output) if (m := PART_RE.match(p.name))
              and int(m.group(1)) == process and int(m.group(2)) == n_processes]
     return max(taken, default=-1) + 1
 
 
-def _write_part(output: Path, process: int, n_processes: int, index: int, rows: list[dict]) -> Path:
+def write_part(output: Path, process: int, n_processes: int, index: int, rows: list[dict]) -> Path:
+    """`rows` as part `index` of process `process` under `output`: written to a temporary file, synced, renamed."""
     name = f"labels-{process:05d}-of-{n_processes:05d}-part{index:05d}.parquet"
     final = output / name
     tmp = output / f".{name}.{os.getpid()}.tmp"
@@ -102,20 +114,3 @@ def _write_part(output: Path, process: int, n_processes: int, index: int, rows: 
         os.fsync(f.fileno())
     os.replace(tmp, final)
     return final
-
-
-def _check_options(output: Path, opts: LabelOptions) -> Optional[dict]:
-    """The options of an earlier run in `output`, refusing a resumption with different ones."""
-    path = output / OPTIONS_FILE
-    if not path.exists():
-        return None
-    try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path}: unreadable ({e}); delete it only if the labels were made with the same options")
-    diff = [f"{k}: {old.get(k, _OPTION_DEFAULTS.get(k))!r} -> {v!r}" for k, v in opts.fixed().items()
-            if old.get(k, _OPTION_DEFAULTS.get(k)) != v]
-    if diff:
-        raise UserError(f"{output} holds labels made with other options ({'; '.join(diff)}); "
-                        "use a new --output directory or the same options")
-    return old
