@@ -19,7 +19,8 @@ python3 with this package and the builtin teachers), then:
   2. dwjax pseudo-label     the teacher labels both, packed into <= 24 s windows with timestamps (PACK_SHORT of
                             the windows filled only to a random length: short audio then silence, as in
                             short-form use)
-  3. dwjax init-student     teacher encoder + 2 maximally spaced decoder layers
+  3. dwjax init-student     teacher encoder + DECODER_LAYERS maximally spaced decoder layers (3 of tiny.en's 4:
+                            layers 0, 1, 3; README, "A 4-3 student")
   4. dwjax distill          KL + pseudo-label CE for STEPS steps on the packed windows (labels without references
                             filtered by the teacher's confidence; the teacher encoder's output cached on disk;
                             the token and position embeddings kept frozen: README, "freezing the embeddings")
@@ -34,6 +35,7 @@ environment:
   PACK_SHORT  fraction of packed windows filled only to a random length (default 0.25)
   PACKAGES    a folder holding the two games' .deb files (skips the download)
   HOURS       hours of synthesised speech (default 0.2)
+  DECODER_LAYERS student decoder layers (default 3)
   STEPS       distillation steps (default 300)
   BATCH       per-device batch of 30 s windows (default 8)
   REAL_EVAL   space-separated NAME=MANIFEST sets of real speech with references to score on (default: where
@@ -60,6 +62,7 @@ here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 teacher="${TEACHER:-builtin:whisper-tiny.en}"
 hours="${HOURS:-0.2}"
 steps="${STEPS:-300}"
+decoder_layers="${DECODER_LAYERS:-3}"
 games="${GAMES:-fotaq,bass}"
 train_hours="${TRAIN_HOURS:-2}"
 pack_short="${PACK_SHORT:-0.25}"
@@ -103,7 +106,7 @@ dwjax make-demo-data --output "$out/data" --hours "$hours"
 dwjax pseudo-label --pack --pack-short "$pack_short" --teacher "$teacher" --data "games=$out/games/train.jsonl" \
   "synthetic=$out/data/train.jsonl" --output "$out/labels" || tolerate_some_failed "$out/labels/summary.json"
 if [ ! -f "$out/student-init/dwjax_config.json" ]; then
-  dwjax init-student --teacher "$teacher" --decoder-layers 2 --output "$out/student-init"
+  dwjax init-student --teacher "$teacher" --decoder-layers "$decoder_layers" --output "$out/student-init"
 fi
 dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   "data.train=[{name: mix, path: $out/labels}]" run.output_dir="$out/distill" \
