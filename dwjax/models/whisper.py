@@ -374,12 +374,15 @@ class Whisper(nn.Module):
         return self.decoder(tokens, enc_out, cache, return_hidden)
 
 
-def encode_batch(model: "Whisper", params, mel, active=None):
+def encode_batch(model: "Whisper", params, mel, active=None, per_example: Optional[bool] = None):
     """The encoder over a batch. On CPU one example at a time (`lax.map`): the same FLOPs, but each example's
     activations stay in cache (0.6 s vs 0.96 s per base window at batch 8 on a 2-core machine); accelerators
-    take the whole batch at once. `active` (b,) bool, CPU only: rows where it is False (a last batch's padding)
-    are not encoded (zeros), without a new compilation per number of rows."""
-    if jax.default_backend() != "cpu" or mel.shape[0] == 1:
+    take the whole batch at once. `per_example`: force one or the other (None: by backend; `dwjax plan` compiles
+    for accelerators on CPU). `active` (b,) bool, per example only: rows where it is False (a last batch's
+    padding) are not encoded (zeros), without a new compilation per number of rows."""
+    if per_example is None:
+        per_example = jax.default_backend() == "cpu"
+    if not per_example or mel.shape[0] == 1:
         return model.apply({"params": params}, mel, method="encode")
     one = lambda m: model.apply({"params": params}, m[None], method="encode")[0]
     if active is None:

@@ -106,11 +106,11 @@ from dwjax.pseudo_label.rows import FAILURE_KINDS, NO_SPEECH, is_failure, runawa
 from dwjax.pseudo_label.store import (OPTIONS_FILE, PART_GLOB, SCHEMA, SUMMARY_COLUMNS, SUMMARY_FILE, _check_options,
                                       completed_keys, part_files, read_labels)
 from dwjax.pseudo_label.summary import THRESHOLDS, format_summary, summarise
-from dwjax.pseudo_label.teacher import Teacher, _check_languages, label_step, local_row_range
+from dwjax.pseudo_label.teacher import Teacher, _check_languages, local_row_range
 
 # the package is split by concern (docs/DESIGN.md): options, store (the part files), rows, teacher, the two
-# runs (per_clip, packed) and summary; here the run itself. Besides __all__, `label_step`
-# (benchmarks/bench_accelerator.py) and `runaway_limit` stay importable from dwjax.pseudo_label.
+# runs (per_clip, packed) and summary; here the run itself. Besides __all__, `runaway_limit` stays importable
+# from dwjax.pseudo_label.
 
 __all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
            "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB", "FAILURE_KINDS", "NO_SPEECH", "is_failure",
@@ -161,10 +161,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
         raise UserError("--commit-every must be at least 1")
     if opts.num_beams < 1:
         raise UserError("--num-beams must be at least 1")
-    if opts.num_beams > 1:
-        from dwjax.decoding.generate import Generator
-        if not hasattr(Generator, "beam_search"):
-            raise UserError("--num-beams > 1 needs beam search (dwjax.decoding.beam), which this install lacks")
     if opts.pack:
         if opts.num_beams > 1:
             raise UserError("--pack decodes greedily; drop --num-beams")
