@@ -12,8 +12,9 @@ trailing `:xla` sets DWJAX_ATTENTION=einsum (einsum attention instead of cuDNN's
                     Step time is the median of --steps steps after a warm-up; MFU = analytic FLOPs (teacher
                     encoder + teacher decoder forward + student decoder forward and backward, matmuls and attention)
                     / step time / the device's dense bf16 peak (`dwjax.flops.peak_flops`).
-  label:SHAPE:B:N   the pseudo-labeller's step (`dwjax.pseudo_label.label_step`: log-mel of 30 s of audio, encoder,
-                    greedy decode) on B windows per device, bf16, random weights. Random weights rarely emit the
+  label:SHAPE:B:N   the pseudo-labeller's step (the inference engine's, `dwjax.decoding.generate.Generator`: log-mel of
+                    30 s of audio, then `Generator.label`: encoder, greedy decode) on B windows per device, bf16,
+                    random weights. Random weights rarely emit the
                     end-of-text token, so it is suppressed and every row decodes exactly N tokens: a 30 s window
                     full of speech is 80-110 tokens. Audio s/s = B x 30 s / step time; the encoder alone is timed
                     too, so the per-token decode cost is (step - encoder) / N.
@@ -114,14 +115,13 @@ def run_label(shape: str, batch: int, new_tokens: int, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import PartitionSpec as P
 
-    from dwjax.audio import N_SAMPLES, log_mel_spectrogram
-    from dwjax.decoding.rules import DecodeSpec
-    from dwjax.mesh import BATCH_AXES, data_sharding, make_mesh, replicated
+    from dwjax.audio import N_SAMPLES
     from dwjax.config import Config
-    from dwjax.models.whisper import Whisper, count_params, encode_batch, init_params
-    from dwjax.pseudo_label import label_step
+    from dwjax.decoding.generate import Generator
+    from dwjax.decoding.rules import DecodeSpec
+    from dwjax.mesh import make_mesh, replicated
+    from dwjax.models.whisper import Whisper, count_params, init_params
 
     n = jax.device_count()
     cfg = _shape(shape)
@@ -135,28 +135,27 @@ def run_label(shape: str, batch: int, new_tokens: int, steps: int) -> dict:
                       begin_suppress=(220, eot))
     template = (sot, 50259, cfg.vocab_size - 1506, cfg.vocab_size - 1502)
     mesh = make_mesh(Config())
-    rows, repl = data_sharding(mesh), replicated(mesh)
-    params = jax.device_put(params, repl)
-
-    def step(params, audio, lang):
-        mel = log_mel_spectrogram(audio, n_mels=cfg.n_mels).astype(jnp.bfloat16)
-        return label_step(model, spec, template, None, new_tokens, params, mel, lang)
-
-    sharded = jax.jit(jax.shard_map(step, mesh=mesh, in_specs=(P(), P(BATCH_AXES), P(BATCH_AXES)),
-                                    out_specs=P(BATCH_AXES), check_vma=False),
-                      in_shardings=(repl, rows, rows), out_shardings=rows)
-    encode = jax.jit(lambda p, a: encode_batch(model, p, log_mel_spectrogram(a, n_mels=cfg.n_mels)
-                                               .astype(jnp.bfloat16)), in_shardings=(repl, rows), out_shardings=rows)
+    params = jax.device_put(params, replicated(mesh))
+    engine = Generator(model, params, spec, mesh)
     g = batch * n
-    audio = jax.device_put(np.random.default_rng(0).normal(0, 0.1, (g, N_SAMPLES)).astype(np.float32), rows)
-    lang = jax.device_put(np.full((g,), 50259, np.int32), rows)
+    audio = engine.put(np.random.default_rng(0).normal(0, 0.1, (g, N_SAMPLES)).astype(np.float32))
+    lang, task = engine.put(np.full((g,), 50259, np.int32)), engine.put(np.full((g,), -1, np.int32))
+    active, limit = engine.put(np.ones((g,), bool)), engine.put(np.full((g,), new_tokens, np.int32))
+
+    def step():
+        return engine.label(engine.features(audio), lang, task, active, limit, spec=spec, template=template,
+                            language_ids=None, max_new=new_tokens)
+
+    def encode():
+        return engine.encode(engine.features(audio))
+
     t0 = time.perf_counter()
-    out = jax.block_until_ready(sharded(params, audio, lang))
+    out = jax.block_until_ready(step())
     first_s = time.perf_counter() - t0
     assert int(np.min(np.asarray(out["lengths"]))) == new_tokens, "a row stopped early: EOT was not suppressed"
-    times = _timed(lambda: sharded(params, audio, lang), steps)
-    jax.block_until_ready(encode(params, audio))
-    enc_times = _timed(lambda: encode(params, audio), steps)
+    times = _timed(step, steps)
+    jax.block_until_ready(encode())
+    enc_times = _timed(encode, steps)
     step_s, enc_s = float(np.median(times)), float(np.median(enc_times))
     return {"case": f"label:{shape}", "devices": n, "global_batch": g, "new_tokens": new_tokens,
             "params_m": count_params(params) / 1e6, "compile_and_first_step_s": first_s, "step_s": step_s,

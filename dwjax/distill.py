@@ -22,7 +22,6 @@ teacher encoder's output is computed once per row before training and read from 
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import time
@@ -42,7 +41,7 @@ from dwjax.errors import UserError, WeightsError
 from dwjax.flops import peak_flops, train_step_flops
 from dwjax.metrics import MetricsWriter
 from dwjax.trainer import Progress, StepInfo, Trainer
-from dwjax.training_eval import TeacherForced, evaluate_wer, load_eval_sets, mean_student_wer
+from dwjax.training_eval import GreedyWer, TeacherForced, load_eval_sets, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
 class Features:
@@ -303,6 +302,8 @@ def run(cfg: Config, *, devices=None) -> dict:
     eval_sets = load_eval_sets(cfg.data.eval, cfg.eval.max_samples)     # read once for the whole run
     teacher_forced = TeacherForced(eval_sets, tok, teacher.cfg.n_mels, cfg.eval.batch_size * n_dev, steps,
                                    cfg.data.max_label_length, jax.process_index(), n_proc)
+    greedy_wer = GreedyWer(eval_sets, {"student": student, "teacher": teacher}, mesh,
+                           cfg.eval.batch_size * n_dev, cfg.model.kernels)
 
     def evaluate(state, step: int, with_teacher: bool) -> dict:
         """WER of greedy generation (the student, and the teacher when asked) and the teacher-forced KL at T = 1
@@ -310,8 +311,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         if not cfg.data.eval:
             return {}
         results = teacher_forced(state.params, teacher_params)
-        student_now = dataclasses.replace(student, params=_host(state.params))
-        results.update(evaluate_wer(student_now, teacher, eval_sets, cfg.eval.batch_size, with_teacher))
+        results.update(greedy_wer({"student": state.params} | ({"teacher": teacher_params} if with_teacher else {})))
         logs.write(step, results, prefix="eval/")
         _log("eval step %d: %s" % (step, ", ".join(f"{k} {v:.2f}" for k, v in results.items())))
         return results

@@ -31,7 +31,6 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 
 from dwjax.config import Config, override
 from dwjax.errors import ConfigError
@@ -255,10 +254,11 @@ def _train_plan(cfg: Config, mesh, teacher_cfg, student_cfg, length: int, compil
 
 
 def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops: bool, max_new: int):
-    """The pseudo-labeller's step: encode + greedy decode, rows split over data x fsdp, parameters replicated
-    (float32, as `dwjax pseudo-label` holds them), compute in `model.dtype`."""
-    from dwjax.decoding.generate import decode_loop
-    from dwjax.mesh import BATCH_AXES, data_sharding, replicated
+    """The pseudo-labeller's step (`Generator.label`, the engine's: encode + greedy decode per device, rows split
+    over data x fsdp), parameters replicated (float32, as `dwjax pseudo-label` holds them), compute in
+    `model.dtype`, the encoder over the whole batch as on accelerators."""
+    from dwjax.decoding.generate import Generator
+    from dwjax.mesh import replicated
     from dwjax.models.whisper import Whisper, abstract_params
     from dwjax.train_step import _dtype
     import flax.linen as nn
@@ -268,39 +268,33 @@ def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops
     spec = planning_spec(teacher_cfg.vocab_size)
     p = prompt_length(teacher_cfg)
     max_new = max(1, min(max_new, teacher_cfg.n_text_ctx - p))
-    rows_spec = P(BATCH_AXES)
-    repl, batch_sh = replicated(mesh), data_sharding(mesh)
+    template = (spec.sot,) + (spec.sot + 1,) * (p - 2) + (spec.no_timestamps,)
+    repl = replicated(mesh)
 
     def build(scan_layers):
         model = Whisper(teacher_cfg, dtype=_dtype(cfg.model.dtype), scan_layers=scan_layers)
-
-        def step(params, mel, prompt):
-            enc = model.apply({"params": params}, mel, method="encode")
-            return decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0)
-        fn = jax.shard_map(step, mesh=mesh, in_specs=(P(), rows_spec, rows_spec), out_specs=rows_spec,
-                           check_vma=False)
-        jitted = jax.jit(fn, in_shardings=(repl, batch_sh, batch_sh), out_shardings=batch_sh,
-                         compiler_options=compiler_options)
+        engine = Generator(model, None, spec, mesh, per_example_encoder=False)
         params = jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=repl),
                                         nn.unbox(abstract_params(teacher_cfg, scan_layers=scan_layers)))
-        mel = jax.ShapeDtypeStruct((b, teacher_cfg.n_mels, 2 * teacher_cfg.n_audio_ctx), jnp.float32,
-                                   sharding=batch_sh)
-        prompt = jax.ShapeDtypeStruct((b, p), jnp.int32, sharding=batch_sh)
-        return jitted, (params, mel, prompt)
+        rows = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=engine.rows)  # noqa: E731
+        mel = rows((b, teacher_cfg.n_mels, 2 * teacher_cfg.n_audio_ctx), jnp.float32)
+        per_row = (rows((b,), jnp.int32), rows((b,), jnp.int32), rows((b,), jnp.bool_), rows((b,), jnp.int32))
+        lower = lambda: engine.label_step.lower(params, mel, *per_row, spec=spec, template=template,  # noqa: E731
+                                            language_ids=None, max_new=max_new)
+        return lower, (params, mel) + per_row
 
-    jitted, args = build(cfg.model.scan_layers)
+    lower, args = build(cfg.model.scan_layers)
     t0 = time.perf_counter()
-    lowered = jitted.lower(*args)
+    lowered = lower()
     t1 = time.perf_counter()
-    compiled = lowered.compile()
+    compiled = lowered.compile(compiler_options)
     t2 = time.perf_counter()
     resident = {"teacher parameters": _tree_device_bytes(args[0]), "batch": _tree_device_bytes(args[1:])}
     flops_global = None
     notes = [f"{max_new} new tokens after a {p}-token prompt, greedy; XLA counts the token loop once, so its "
              f"count is compared with the analytic prefill plus one token"]
     if count_flops:
-        j2, a2 = build(False)
-        flops_global = _flops(j2.lower(*a2).cost_analysis()) * n  # shard_map: the body is one device's program
+        flops_global = _flops(build(False)[0]().cost_analysis()) * n  # shard_map: the body is one device's program
     base, full = generate_flops(teacher_cfg, b, p, max_new)
     _, once = generate_flops(teacher_cfg, b, p, 1)
     return StepPlan("generate step (teacher, pseudo-labelling)", Memory.of(compiled), resident,

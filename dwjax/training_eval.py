@@ -1,11 +1,14 @@
 """In-training evaluation of the student on `data.eval` (what `dwjax distill` runs every `eval.every` steps).
 
-Two measurements per evaluation set, both on rows that have a reference text:
-  * WER of greedy generation (`evaluate_wer`): the student's (and once, the teacher's) transcripts against the
-    references; the mean student WER ranks checkpoints for `checkpoint.keep_best`;
+Two measurements per evaluation set, both on rows that have a reference text, on the run's mesh with the state's
+sharded parameters:
+  * WER of greedy generation (`GreedyWer`): the student's (and at the first and last evaluation, the teacher's)
+    transcripts against the references, through one inference engine (`Transcriber`) per model built at its
+    first evaluation and fed each evaluation's parameters (compiled once per run); the mean student WER ranks
+    checkpoints for `checkpoint.keep_best`;
   * teacher-forced KL(teacher || student) at T = 1 and the student's cross-entropy, per token (`TeacherForced`):
     the reference text (no timestamps, the model's prompt) through both decoders with the jitted, sharded
-    `eval_step` of dwjax/train_step.py, on the run's mesh with the state's sharded parameters.
+    `eval_step` of dwjax/train_step.py.
 """
 from __future__ import annotations
 
@@ -17,6 +20,8 @@ import numpy as np
 
 from dwjax.audio import N_SAMPLES, load_audio, load_audio_bytes, log_mel_spectrogram, pad_or_trim
 from dwjax.data.manifest import read_dataset
+from dwjax.decoding.transcribe import Transcriber
+from dwjax.models.kernels import Kernels
 from dwjax.text.wer import wer
 
 
@@ -42,21 +47,40 @@ def load_eval_sets(eval_sets, max_samples) -> list[EvalSet]:
     return out
 
 
-def evaluate_wer(student, teacher, sets: list[EvalSet], batch_size, with_teacher: bool) -> dict:
-    """Greedy transcripts of each evaluation set -> {"SET/student_wer", "SET/student_seconds"} (percent, seconds),
-    and the teacher's too when `with_teacher`."""
-    from dwjax.decoding.transcribe import Transcriber
-    out = {}
-    models = {"student": student} | ({"teacher": teacher} if with_teacher else {})
-    for es in sets:
-        refs = [e.text for e in es.rows]
-        for who, model in models.items():
-            tr = Transcriber(model, batch_size=batch_size)
-            t0 = time.time()
-            hyps = [r.text for r in tr.transcribe(es.audio)]
-            out[f"{es.name}/{who}_wer"] = 100 * wer(refs, hyps)
-            out[f"{es.name}/{who}_seconds"] = time.time() - t0
-    return out
+class GreedyWer:
+    """WER of greedy generation on each evaluation set, one `Transcriber` per model on the run's mesh.
+
+    `models`: {"student": LoadedModel, "teacher": LoadedModel} (configuration, tokenizer, generation config; their
+    weights are not used). Each call takes {name: parameters} (the training state's student parameters, the
+    sharded teacher's; any subset of `models`) and returns {"SET/NAME_wer", "SET/NAME_seconds"} (percent,
+    seconds). A model's engine is built at its first call and fed the parameters of every later call: the
+    compiled programs are reused. Multi-process: every process decodes every row (the mesh's global batches)."""
+
+    def __init__(self, sets: list[EvalSet], models: dict, mesh, global_batch: int, kernels: Kernels = Kernels()):
+        self.sets, self.models, self.mesh, self.global_batch = sets, models, mesh, global_batch
+        self.kernels = kernels
+        self.transcribers: dict[str, Transcriber] = {}
+
+    def transcriber(self, name: str, params) -> Transcriber:
+        """The engine of model `name`, holding `params`."""
+        if name not in self.transcribers:
+            self.transcribers[name] = Transcriber(self.models[name], batch_size=self.global_batch, mesh=self.mesh,
+                                                  params=params, kernels=self.kernels)
+        tr = self.transcribers[name]
+        tr.params = params
+        return tr
+
+    def __call__(self, params: dict) -> dict:
+        out = {}
+        for es in self.sets:
+            refs = [e.text for e in es.rows]
+            for name, p in params.items():
+                tr = self.transcriber(name, p)
+                t0 = time.time()
+                hyps = [r.text for r in tr.transcribe(es.audio)]
+                out[f"{es.name}/{name}_wer"] = 100 * wer(refs, hyps)
+                out[f"{es.name}/{name}_seconds"] = time.time() - t0
+        return out
 
 
 @dataclass

@@ -12,7 +12,6 @@ import transformers  # noqa: F401
 import jax.numpy as jnp
 
 from dwjax.audio import batch_features
-from dwjax.decoding.beam import beam_search
 from dwjax.decoding.generate import Generator
 from dwjax.decoding.rules import DecodeSpec
 from dwjax.models.configs import WhisperConfig
@@ -136,7 +135,7 @@ def test_row_limit_stops_only_the_rows_that_reach_it(en_case):
 def test_beam1_equals_greedy(en_case):
     c = en_case
     greedy = c.gen.generate(c.enc, c.prompt(False), max_new_tokens=MAX_NEW)
-    beam = beam_search(c.model, c.spec, c.gen.params, c.enc, c.prompt(False), max_new_tokens=MAX_NEW, num_beams=1)
+    beam = c.gen.beam_search(c.enc, c.prompt(False), max_new_tokens=MAX_NEW, num_beams=1)
     assert beam.sequences() == greedy.sequences()
     np.testing.assert_array_equal(beam.tokens, greedy.tokens)
 
@@ -145,7 +144,7 @@ def test_beam1_equals_greedy(en_case):
 def test_beam3_matches_transformers_random(en_case, timestamps):
     c = en_case
     spec = c.spec_for(timestamps)
-    out = beam_search(c.model, spec, c.gen.params, c.enc, c.prompt(timestamps), max_new_tokens=MAX_NEW, num_beams=3)
+    out = c.gen.beam_search(c.enc, c.prompt(timestamps), max_new_tokens=MAX_NEW, num_beams=3, timestamps=timestamps)
     ref = H.hf_generate(c.hf, c.mel, spec, c.cfg.vocab_size, MAX_NEW, timestamps, num_beams=3)
     assert out.sequences() == ref
     assert np.all(np.isfinite(out.sum_logprob)) and np.all(out.sum_logprob <= 0)

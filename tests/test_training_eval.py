@@ -90,3 +90,47 @@ def test_in_training_evaluation_and_keep_best(assets, tmp_path):
     assert 4 in kept and len(kept) <= 2
     assert wers[ck.best_step()] == best
     assert all(wers[s] == best for s in kept if s != 4)
+
+
+def test_greedy_wer_reuses_its_engine_and_equals_one_device(assets):
+    """`GreedyWer` on a 2-device mesh with the state's FSDP-sharded student parameters: a second evaluation with
+    other parameter values compiles nothing, and each evaluation's transcripts equal a single-device
+    Transcriber's on the same parameters (gathered to the host)."""
+    import dataclasses
+
+    from dwjax import mesh as mesh_lib
+    from dwjax.config import load_config
+    from dwjax.decoding.transcribe import Transcriber
+    from dwjax.text.wer import wer
+    from dwjax.train_step import make_sharded_train_step
+    from dwjax.training_eval import GreedyWer, load_eval_sets
+    from dwjax.weights.loading import load_model
+
+    teacher, student = load_model(assets["teacher"]), load_model(assets["student"])
+    cfg = load_config(overrides=[f"data.eval=[{{name: val, path: {assets['validation']}}}]", "mesh.data=1",
+                                 "mesh.fsdp=2"])
+    mesh = mesh_lib.make_mesh(cfg.mesh, jax.devices()[:2])
+    steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)
+    sets = load_eval_sets(cfg.data.eval, 3)          # 3 clips, global batch 4: a padded batch
+    first = steps.init_state(student.params, jax.random.PRNGKey(0)).params
+    second = jax.tree_util.tree_map(lambda x: x * 1.05, first)
+    assert any(len(x.sharding.device_set) == 2 and not x.sharding.is_fully_replicated
+               for x in jax.tree_util.tree_leaves(first))
+    greedy = GreedyWer(sets, {"student": student}, mesh, 4)
+    refs = [e.text for e in sets[0].rows]
+    traces, texts = None, []
+    for params in (first, second):
+        got = greedy({"student": params})
+        tr = greedy.transcribers["student"]
+        if traces is None:
+            traces = tr.generator.compilations
+            cache = tr.generator._generate._cache_size()
+        assert tr.generator.compilations == traces and tr.generator._generate._cache_size() == cache
+        on_mesh = tr.transcribe(sets[0].audio)
+        one = Transcriber(dataclasses.replace(student, params=jax.device_get(params)), batch_size=4)
+        ref = one.transcribe(sets[0].audio)
+        assert [t.tokens for t in on_mesh] == [t.tokens for t in ref]
+        texts.append([t.tokens for t in ref])
+        assert got["val/student_wer"] == pytest.approx(100 * wer(refs, [t.text for t in ref]))
+    assert texts[0] != texts[1]                      # the second evaluation decoded with the new values
+    assert list(greedy.transcribers) == ["student"]

@@ -13,7 +13,7 @@ token:
     row can improve or `max_new_tokens` is reached.
 `length_penalty=None` is the default exponent 1.0 (sum logprob / length).
 The KV cache holds batch * k rows (beam-major within each batch row) and is reordered each step by gathering
-along its batch axis.
+along its batch axis. `Generator.beam_search` (generate.py) jits it.
 """
 from __future__ import annotations
 
@@ -21,9 +21,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dwjax.decoding.generate import GenerateOutput
 from dwjax.decoding.rules import DecodeSpec, apply_rules, jax_log_softmax
 from dwjax.models.whisper import Whisper, init_cache
 
@@ -130,30 +128,3 @@ def beam_search_loop(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, 
     tokens = jnp.where(pos < best_len[:, None], best_seq, spec.eot)
     return dict(tokens=tokens, lengths=best_len, sum_logprob=state["fin_sum"][:, 0], no_speech_prob=no_speech,
                 score=state["fin_scores"][:, 0])
-
-
-_JITTED = {}
-
-
-def beam_search(model: Whisper, spec: DecodeSpec, params, enc_out, prompt, max_new_tokens: int = 224,
-                num_beams: int = 5, length_penalty: Optional[float] = None,
-                sot_index: Optional[int] = None) -> GenerateOutput:
-    """Beam search on encoder outputs; returns the best hypothesis per row as a `GenerateOutput`
-    (`sum_logprob` is its raw log-probability sum, EOT included)."""
-    prompt = np.asarray(prompt, np.int32)
-    if prompt.ndim == 1:
-        prompt = np.broadcast_to(prompt, (enc_out.shape[0], prompt.shape[0]))
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
-    max_new_tokens = min(max_new_tokens, model.cfg.n_text_ctx - prompt.shape[1])
-    if sot_index is None:
-        sot_index = int(np.argmax(prompt[0] == spec.sot))
-    key = (model, spec, max_new_tokens, num_beams, length_penalty, sot_index)
-    fn = _JITTED.get(key)
-    if fn is None:
-        fn = jax.jit(lambda params, enc, pr: beam_search_loop(model, spec, params, enc, pr, max_new_tokens,
-                                                              num_beams, length_penalty, sot_index))
-        _JITTED[key] = fn
-    out = jax.device_get(fn(params, enc_out, jnp.asarray(prompt)))
-    return GenerateOutput(tokens=out["tokens"], lengths=out["lengths"], sum_logprob=out["sum_logprob"],
-                          no_speech_prob=out["no_speech_prob"])

@@ -14,9 +14,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
+from dwjax.decoding.transcript import Transcript, compression_ratio
 from dwjax.errors import UserError
 
 TIME_PRECISION = 0.02                   # seconds per timestamp step
@@ -146,7 +148,6 @@ def default_chunk_length(transcriber) -> float:
 
 
 def _transcript(**kw):
-    from dwjax.decoding.transcribe import Transcript, compression_ratio
     kw.setdefault("compression_ratio", compression_ratio(kw["text"]))
     return Transcript(**kw)
 
@@ -212,7 +213,6 @@ def _generate_window(transcriber, window: np.ndarray, prompt: list[int], sot_ind
         enc = gen.encode(mel)
         n = max(1, int(best_of)) if temperature > 0 else 1
         if n > 1:
-            import jax.numpy as jnp
             enc = jnp.repeat(enc, n, axis=0)
         out = gen.generate(enc, np.asarray([prompt] * n, np.int32), max_new_tokens=max_new_tokens,
                            temperature=temperature, seed=seed, timestamps=True, sot_index=sot_index)
@@ -231,7 +231,6 @@ def transcribe_sequential(transcriber, audio: np.ndarray, language: Optional[str
     the result with the best mean log-probability is kept, preferring those under the compression threshold (as
     faster-whisper does), never simply the last, highest-temperature one. The previous-text prompt is cut to a
     multiple of `prompt_bucket` tokens (at most 223) so that the number of compiled prompt lengths stays small."""
-    from dwjax.decoding.transcribe import compression_ratio
     tok = transcriber.tokenizer
     tb, eot = tok.timestamp_begin, tok.eot
     n = len(audio)

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dwjax.audio import SAMPLE_RATE
 from dwjax.decoding.generate import GenerateOutput, Generator
 from dwjax.decoding.rules import DecodeSpec, apply_rules, jax_log_softmax
+from dwjax.decoding.transcribe import Transcriber, transcribe_all
 from dwjax.errors import UserError
 from dwjax.models.whisper import init_cache
 
@@ -204,10 +204,13 @@ def _same_tree(a, b) -> bool:
 
 
 class SpeculativeGenerator:
-    """Pairs a main-model `Generator` with an assistant `Generator` (same vocabulary); compiles per bucket."""
+    """Pairs a main-model `Generator` with an assistant `Generator` (same vocabulary, each on one device);
+    compiles per bucket."""
 
     def __init__(self, main: Generator, assistant: Generator, k: int = 5, adaptive: bool = False,
                  share_encoder: Optional[bool] = None):
+        if main.mesh is not None or assistant.mesh is not None:
+            raise UserError("speculative decoding runs on one device; build the transcribers without a mesh")
         if main.model.cfg.vocab_size != assistant.model.cfg.vocab_size:
             raise UserError(f"the assistant's vocabulary ({assistant.model.cfg.vocab_size}) differs from the main "
                             f"model's ({main.model.cfg.vocab_size}); speculative decoding needs the same tokenizer")
@@ -269,7 +272,6 @@ class SpeculativeTranscriber:
     """
 
     def __init__(self, transcriber, assistant, k: int = 5, adaptive: bool = False):
-        from dwjax.decoding.transcribe import Transcriber
         self.transcriber = transcriber
         if not isinstance(assistant, Transcriber):
             dtype = "bfloat16" if transcriber.dtype == jnp.bfloat16 else "float32"
@@ -326,5 +328,4 @@ class SpeculativeTranscriber:
     def transcribe(self, audios: Sequence[np.ndarray], progress=None, chunk_length=None, long_form="chunked",
                    **kw):
         """Any number of clips (long ones chunked through this object's `transcribe_batch`)."""
-        from dwjax.decoding.transcribe import transcribe_all
         return transcribe_all(self, self.transcriber.batch_size, audios, progress, chunk_length, long_form, **kw)

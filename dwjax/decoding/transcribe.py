@@ -1,70 +1,86 @@
-"""`Transcriber`: audio arrays in, text out. Used by `dwjax transcribe`, the pseudo-labeller and evaluation.
+"""`Transcriber`: audio arrays in, text out, on one device or on a mesh. Used by `dwjax transcribe`, `evaluate`,
+the pseudo-labeller and in-training evaluation; its `generator` (generate.py) is the inference engine.
 
 Short-form (<= 30 s) clips are batched into fixed-size buckets (the last batch is padded), so each
 (batch size, prompt length, max_new_tokens) compiles once. Longer audio goes to the long-form decoders.
+
+    tr = Transcriber("builtin:whisper-tiny.en")                             # one device, its own weights
+    tr = Transcriber(loaded, batch_size=16, mesh=mesh, params=sharded)      # a mesh, parameters given
+    tr.params = state.params                                                # new values: no recompilation
 """
 from __future__ import annotations
 
-import dataclasses
-import zlib
 from typing import Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
-from dwjax.audio import N_SAMPLES, SAMPLE_RATE, log_mel_spectrogram
+from dwjax.audio import N_SAMPLES, SAMPLE_RATE
 from dwjax.decoding.generate import Generator
+from dwjax.decoding.longform import transcribe_long
 from dwjax.decoding.rules import DecodeSpec
-from dwjax.errors import UserError
+from dwjax.decoding.transcript import Transcript, compression_ratio
+from dwjax.errors import ConfigError, UserError
+from dwjax.mesh import replicated
+from dwjax.models.kernels import Kernels
 from dwjax.models.whisper import Whisper
 from dwjax.weights.loading import LoadedModel, load_model
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "fp32": jnp.float32, "bf16": jnp.bfloat16}
 
-
-def compression_ratio(text: str) -> float:
-    data = text.encode("utf-8")
-    return len(data) / max(1, len(zlib.compress(data))) if data else 0.0
-
-
-@dataclasses.dataclass
-class Transcript:
-    text: str
-    tokens: list[int]
-    language: Optional[str]
-    avg_logprob: float
-    no_speech_prob: float
-    compression_ratio: float
-    duration_s: float
-    segments: list[dict] = dataclasses.field(default_factory=list)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+__all__ = ["Transcriber", "Transcript", "compression_ratio", "transcribe_all", "AudioProgress", "DTYPES"]
 
 
 class Transcriber:
+    """A model's audio-in, `Transcript`-out API over its inference engine (`generator`).
+
+    `model`: a name/path or a `LoadedModel` (config, tokenizer, generation config, weights). `mesh`: the engine
+    splits batches over the mesh's batch axes; `batch_size` is then the global batch (a multiple of the number of
+    batch devices). `params`: the parameters to decode with (default: the model's weights, on the device or
+    replicated over the mesh); `params` may be assigned later (same shapes and shardings: no recompilation)."""
+
     def __init__(self, model: str | LoadedModel, dtype: str = "float32", batch_size: int = 8,
-                 scan_layers: bool = False):
+                 scan_layers: bool = False, mesh: Optional[Mesh] = None, params=None, kernels: Kernels = Kernels()):
         self.loaded = model if isinstance(model, LoadedModel) else load_model(model)
         if dtype not in DTYPES:
             raise UserError(f"unknown dtype {dtype!r}; use float32 or bfloat16")
         self.cfg, self.tokenizer = self.loaded.cfg, self.loaded.tokenizer
-        self.module = Whisper(self.cfg, dtype=DTYPES[dtype], scan_layers=scan_layers)
+        self.module = Whisper(self.cfg, dtype=DTYPES[dtype], scan_layers=scan_layers, kernels=kernels)
         self.spec = DecodeSpec.for_model(self.tokenizer, self.loaded.generation, self.cfg.vocab_size)
-        self.generator = Generator(self.module, jnp_tree(self.loaded.params), self.spec)
+        if params is None:
+            params = jax.tree_util.tree_map(jnp.asarray, self.loaded.params)
+            if mesh is not None:
+                params = jax.device_put(params, replicated(mesh))
+        self.generator = Generator(self.module, params, self.spec, mesh)
+        if batch_size % self.generator.batch_devices:
+            raise ConfigError(f"a batch of {batch_size} does not split over the mesh's "
+                              f"{self.generator.batch_devices} batch devices")
         self.batch_size = batch_size
         self.dtype = DTYPES[dtype]
+
+    @property
+    def params(self):
+        return self.generator.params
+
+    @params.setter
+    def params(self, value) -> None:
+        self.generator.params = value
 
     @property
     def n_mels(self) -> int:
         return self.cfg.n_mels
 
     def features(self, audios: Sequence[np.ndarray]):
-        batch = np.zeros((len(audios), N_SAMPLES), np.float32)
+        """Log-mel features of the clips (each cut / zero-padded to 30 s), rows padded with silence to a multiple
+        of the engine's batch devices."""
+        d = self.generator.batch_devices
+        batch = np.zeros((-(-len(audios) // d) * d, N_SAMPLES), np.float32)
         for i, a in enumerate(audios):
             a = a[:N_SAMPLES]
             batch[i, : len(a)] = a
-        return log_mel_spectrogram(jnp.asarray(batch), n_mels=self.n_mels)
+        return self.generator.features(batch)
 
     def prompt(self, language: Optional[str], task: str, timestamps: bool) -> list[int]:
         if not self.tokenizer.is_multilingual:
@@ -137,7 +153,6 @@ def transcribe_all(engine, batch_size: int, audios: Sequence[np.ndarray], progre
             progress(idx)
     long_ = [i for i, a in enumerate(audios) if len(a) > N_SAMPLES]
     if long_:
-        from dwjax.decoding.longform import transcribe_long
         for i in long_:
             results[i] = transcribe_long(engine, audios[i], method=long_form, chunk_length=chunk_length, **kw)
             if progress is not None:
@@ -183,7 +198,3 @@ class AudioProgress:
     def __exit__(self, exc_type, *_):
         self.finish() if exc_type is None else self.close()
 
-
-def jnp_tree(params):
-    import jax
-    return jax.tree_util.tree_map(jnp.asarray, params)

@@ -379,12 +379,15 @@ class Whisper(nn.Module):
         return self.decoder(tokens, enc_out, cache, return_hidden)
 
 
-def encode_batch(model: "Whisper", params, mel, active=None):
+def encode_batch(model: "Whisper", params, mel, active=None, per_example: Optional[bool] = None):
     """The encoder over a batch: one example at a time (`lax.map`) when `model.kernels` says so (auto: on CPU,
-    where each example's activations then stay in cache), else the whole batch at once. `active` (b,) bool,
-    per-example only: rows where it is False (a last batch's padding) are not encoded (zeros), without a new
+    where each example's activations then stay in cache), else the whole batch at once. `per_example`: force one
+    or the other (None: as `model.kernels` says; `dwjax plan` compiles for accelerators on CPU). `active` (b,)
+    bool, per-example only: rows where it is False (a last batch's padding) are not encoded (zeros), without a new
     compilation per number of rows."""
-    if not machine_kernels(model.kernels, model.dtype).encode_per_example or mel.shape[0] == 1:
+    if per_example is None:
+        per_example = machine_kernels(model.kernels, model.dtype).encode_per_example
+    if not per_example or mel.shape[0] == 1:
         return model.apply({"params": params}, mel, method="encode")
     one = lambda m: model.apply({"params": params}, m[None], method="encode")[0]
     if active is None:

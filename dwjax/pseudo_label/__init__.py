@@ -105,12 +105,11 @@ from dwjax.pseudo_label.packed import _TOTALS, _run_packed
 from dwjax.pseudo_label.per_clip import _run_per_clip
 from dwjax.pseudo_label.rows import FAILURE_KINDS, NO_SPEECH, is_failure, runaway_limit, status_kind
 from dwjax.pseudo_label.summary import SUMMARY_COLUMNS, SUMMARY_FILE, THRESHOLDS, format_summary, summarise
-from dwjax.pseudo_label.teacher import Teacher, _check_languages, label_step, local_row_range
+from dwjax.pseudo_label.teacher import Teacher, _check_languages, local_row_range
 
 # the package is split by concern (docs/DESIGN.md): options, rows, teacher, the two runs (per_clip, packed) and
 # summary; here the run itself. The part files are the data layer's label store (dwjax/data/label_store.py).
-# Besides __all__, `label_step` (benchmarks/bench_accelerator.py) and `runaway_limit` stay importable from
-# dwjax.pseudo_label.
+# Besides __all__, `runaway_limit` stays importable from dwjax.pseudo_label.
 
 __all__ = ["LabelOptions", "label_datasets", "read_labels", "completed_keys", "part_files", "summarise",
            "format_summary", "SCHEMA", "THRESHOLDS", "PART_GLOB", "FAILURE_KINDS", "NO_SPEECH", "is_failure",
@@ -161,10 +160,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
         raise UserError("--commit-every must be at least 1")
     if opts.num_beams < 1:
         raise UserError("--num-beams must be at least 1")
-    if opts.num_beams > 1:
-        from dwjax.decoding.generate import Generator
-        if not hasattr(Generator, "beam_search"):
-            raise UserError("--num-beams > 1 needs beam search (dwjax.decoding.beam), which this install lacks")
     if opts.pack:
         if opts.num_beams > 1:
             raise UserError("--pack decodes greedily; drop --num-beams")

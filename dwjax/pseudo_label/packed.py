@@ -20,7 +20,7 @@ from dwjax.errors import AudioError
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _Loaded, _report_failure, _speech_seconds,
                                      is_failure, looped, ran_away, runaway_row)
-from dwjax.pseudo_label.teacher import Teacher, _local_transcriber, _long_row
+from dwjax.pseudo_label.teacher import Teacher, _long_row
 
 #: per-process counts summed over processes at the end of a run (the first four for every run, the rest --pack)
 _TOTALS = ("audio_s", "rows", "ok", "failed", "windows", "packed_clips", "token_limit_splits",
@@ -100,7 +100,6 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
     counts = dict.fromkeys(_TOTALS, 0)
     counts["audio_s"] = 0.0
     part_index = next_part_index(output, proc, n_proc)
-    local_cache: dict = {}
     bar = None
     if is_main_process() and opts.progress and (n_batches or own_rows):
         from tqdm import tqdm
@@ -128,7 +127,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
         if failure is not None:
             buffer.append(_base_row(item.example, item.duration, failure))
         elif item.status == "long":
-            buffer.append(_long_row(teacher, opts, item, local_cache))
+            buffer.append(_long_row(teacher, opts, item))
         else:
             buffer.append(_base_row(item.example, item.duration, item.status))
     account(buffer)
@@ -151,10 +150,10 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
         return row
 
     def decode_split(dataset: str, lid: int, w, audio: np.ndarray, task: str) -> list[dict]:
-        """A window whose decoding reached the budget: its halves (recursively), on the local device."""
+        """A window whose decoding reached the budget: its halves (recursively), decoded by this process."""
         language = teacher.code_of.get(lid) if lid >= 0 else None
         if len(w.members) == 1:
-            ids, avg_lp, nsp = _local_decode(teacher, opts, local_cache, audio, language, task)[:3]
+            ids, avg_lp, nsp = _local_decode(teacher, audio, language, task)[:3]
             row = window_row(dataset, language or "en", w, ids, avg_lp, nsp, task)
             if looped(teacher, ids):
                 return [runaway_row(row, len(ids), w.duration_s)]
@@ -170,7 +169,7 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
             sub_w = sub[0]
             start = int(round(part[0].offset_s * SAMPLE_RATE))
             sub_audio = audio[start: start + int(round(sub_w.duration_s * SAMPLE_RATE))]
-            ids, avg_lp, nsp, hit, lang = _local_decode(teacher, opts, local_cache, sub_audio, language, task)
+            ids, avg_lp, nsp, hit, lang = _local_decode(teacher, sub_audio, language, task)
             if hit and looped(teacher, ids):
                 rows.append(runaway_row(window_row(dataset, language or lang or "en", sub_w, ids, avg_lp, nsp, task),
                                         len(ids), sub_w.duration_s))
@@ -255,10 +254,11 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
     return counts
 
 
-def _local_decode(teacher: "Teacher", opts: LabelOptions, cache: dict, audio: np.ndarray,
-                  language: Optional[str], task: str) -> tuple[list[int], float, float, bool, Optional[str]]:
-    """(tokens, avg_logprob, no_speech_prob, reached the budget, language) of one window on the local device."""
-    tr = _local_transcriber(teacher, opts, cache)
+def _local_decode(teacher: "Teacher", audio: np.ndarray, language: Optional[str],
+                  task: str) -> tuple[list[int], float, float, bool, Optional[str]]:
+    """(tokens, avg_logprob, no_speech_prob, reached the budget, language) of one window, decoded by this process
+    (`Teacher.local_transcriber`)."""
+    tr = teacher.local_transcriber()
     t = tr.transcribe_batch([audio], language=language, task=task, timestamps=True,
                             max_new_tokens=teacher.max_new)[0]
     return list(t.tokens), float(t.avg_logprob), float(t.no_speech_prob), len(t.tokens) >= teacher.max_new, t.language

@@ -1,5 +1,5 @@
 """The per-clip labelling run: each clip its own 30 s window, this process's rows of every global batch decoded on
-the mesh (beam search and long-form on the local device) and written to part files."""
+the mesh (beam search and long-form through `Teacher.local_transcriber`) and written to part files."""
 from __future__ import annotations
 
 import concurrent.futures as cf
@@ -17,7 +17,7 @@ from dwjax.data.manifest import Example
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _report_failure, _transcript_row, is_failure,
                                      ran_away, runaway_row)
-from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _local_transcriber, _long_row
+from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _long_row
 
 
 def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher", output: Path, proc: int,
@@ -36,7 +36,6 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
     part_index = next_part_index(output, proc, n_proc)
     buffer: list[dict] = []
     local_audio_s, local_rows, local_ok, local_failed = 0.0, 0, 0, 0
-    local_cache: dict = {}
     bar = None
     if is_main_process() and opts.progress and n_batches:
         from tqdm import tqdm
@@ -72,8 +71,8 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
                     on_device.append(i)
             rows: list[Optional[dict]] = [None] * len(loaded)
             if opts.num_beams > 1:
-                # beam search: decoded per process on its first local device (no sharded beam search yet)
-                tr = _local_transcriber(teacher, opts, local_cache)
+                # beam search: each row on its own, through the engine of this process's devices
+                tr = teacher.local_transcriber()
                 for i in on_device:
                     item = loaded[i]
                     language = teacher.code_of.get(int(lang[i])) if lang[i] >= 0 else None
@@ -102,7 +101,7 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
                 if rows[i] is not None:
                     continue
                 if item.status == "long":
-                    rows[i] = _long_row(teacher, opts, item, local_cache)
+                    rows[i] = _long_row(teacher, opts, item)
                 else:
                     rows[i] = _base_row(item.example, item.duration, item.status)
             for r in rows:

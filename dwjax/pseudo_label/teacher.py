@@ -1,49 +1,46 @@
-"""The teacher on a mesh (`Teacher`): replicated parameters, one jitted batch-sharded step (`label_step`), each row's
-language and task; and on the local device (a `Transcriber` sharing its weights) for beam search and long-form."""
+"""The teacher (`Teacher`): the inference engine (`dwjax.decoding.transcribe.Transcriber`) on the run's mesh, its
+fused batch-sharded step for the labelling runs, each row's language and task; beam search and long-form through
+the same engine (`Teacher.local_transcriber`)."""
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from dwjax.audio import N_SAMPLES
 from dwjax.data.manifest import Example
 from dwjax.decoding.longform import transcribe_long
+from dwjax.decoding.transcribe import Transcriber
 from dwjax.errors import ConfigError, UserError
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import _base_row, _Loaded, _transcript_row, runaway_limit
+from dwjax.text.languages import check_language, script_problem
+from dwjax.text.languages import LANGUAGES, resolve_language
+from dwjax.weights.loading import load_model
 
 
 class Teacher:
-    """The teacher on a mesh: replicated parameters and one jitted, batch-sharded log-mel + encode + generate."""
+    """The teacher's engine on a mesh (replicated parameters, rows split over the devices, each device decoding its
+    own rows: no collective, so a device never waits for another's longest row and a row's result does not depend
+    on which device holds it) and the run's prompt, languages and tasks."""
 
-    def __init__(self, opts: LabelOptions, mesh):
-        import dataclasses as dc
-
-        import jax
-        import jax.numpy as jnp
-
-        from dwjax.decoding.rules import DecodeSpec
-        from dwjax.decoding.transcribe import DTYPES
-        from dwjax.mesh import data_sharding, replicated
-        from dwjax.models.whisper import Whisper
-        from dwjax.weights.loading import load_model
-
-        if opts.dtype not in DTYPES:
-            raise UserError(f"unknown dtype {opts.dtype!r}; use float32 or bfloat16")
+    def __init__(self, opts: LabelOptions, mesh: Mesh):
         self.opts, self.mesh = opts, mesh
         self.loaded = load_model(opts.teacher)
         self.cfg, self.tok = self.loaded.cfg, self.loaded.tokenizer
         self.multilingual = self.tok.is_multilingual
         if not self.multilingual and opts.task == "translate":
             raise UserError("an English-only teacher cannot translate; use a multilingual model")
-        self.model = Whisper(self.cfg, dtype=DTYPES[opts.dtype], scan_layers=opts.scan_layers)
-        self.spec = dc.replace(DecodeSpec.for_model(self.tok, self.loaded.generation, self.cfg.vocab_size),
-                               timestamps=bool(opts.timestamps))
+        self.transcriber = Transcriber(self.loaded, dtype=opts.dtype, batch_size=max(1, opts.batch_size) * mesh.size,
+                                       scan_layers=opts.scan_layers, mesh=mesh)
+        self.engine = self.transcriber.generator
+        self.spec = dataclasses.replace(self.transcriber.spec, timestamps=bool(opts.timestamps))
         self.forced_language = None
         if opts.language:       # the run's option: a bad one refuses the run (one line)
-            from dwjax.text.languages import check_language
             code = check_language(opts.language, self.tok, f"the teacher {opts.teacher}")
             if self.multilingual:
                 self.forced_language = self.tok.language_token(code)
@@ -52,31 +49,24 @@ class Teacher:
             self.template = self.tok.sot_sequence(next(iter(self.tok.languages)), opts.task, opts.timestamps)
         else:
             self.template = self.tok.sot_sequence(None, None, opts.timestamps)
+        self.language_ids = tuple(self.tok.languages.values()) if self.multilingual else None
         self.code_of = {i: c for c, i in self.tok.languages.items()} if self.multilingual else {}
         self.max_new = min(opts.max_new_tokens, self.cfg.n_text_ctx - len(self.template))
-        self.batch_sharding = data_sharding(mesh)
-        self.replicated = replicated(mesh)
-        self.params = jax.device_put(jax.tree_util.tree_map(jnp.asarray, self.loaded.params), self.replicated)
-        # each device decodes its own rows with its own while loop (shard_map): no collective at all, so a device
-        # never waits for another's longest row, and a row's result does not depend on which device holds it
-        from jax.sharding import PartitionSpec as P
+        self.batch_sharding = self.engine.rows
+        self._local: Optional[Transcriber] = None
 
-        from dwjax.mesh import BATCH_AXES
-        rows = P(BATCH_AXES)
-        step = jax.shard_map(self._step_impl, mesh=mesh, in_specs=(P(), rows, rows, rows, rows, rows),
-                             out_specs=rows, check_vma=False)
-        self._step = jax.jit(step, in_shardings=(self.replicated,) + (self.batch_sharding,) * 5,
-                             out_shardings=self.batch_sharding)
-        self._mel = jax.jit(self._mel_impl, in_shardings=self.batch_sharding, out_shardings=self.batch_sharding)
-
-    def _mel_impl(self, audio):
-        from dwjax.audio import log_mel_spectrogram
-        return log_mel_spectrogram(audio, n_mels=self.cfg.n_mels)
-
-    def _step_impl(self, params, mel, lang, task, active, limit):
-        lang_ids = tuple(self.tok.languages.values()) if self.multilingual else None
-        return label_step(self.model, self.spec, self.template, lang_ids, self.max_new, params, mel, lang,
-                          task if self.multilingual else None, active, limit)
+    def local_transcriber(self) -> Transcriber:
+        """The engine for the rows this process decodes on its own (beam search, long-form): the mesh's when this
+        process holds all its devices, else one over this process's devices (built once, its own copy of the
+        weights)."""
+        if self.mesh.is_multi_process:
+            if self._local is None:
+                local = Mesh(np.array(jax.local_devices()).reshape(-1, 1), ("data", "fsdp"))
+                self._local = Transcriber(self.loaded, dtype=self.opts.dtype,
+                                          batch_size=max(1, self.opts.batch_size) * local.size,
+                                          scan_layers=self.opts.scan_layers, mesh=local)
+            return self._local
+        return self.transcriber
 
     def limits(self, durations: Sequence[Optional[float]], n_local: int) -> np.ndarray:
         """(n_local,) int32: each row's runaway limit (`runaway_limit`); padding rows get the budget."""
@@ -91,11 +81,9 @@ class Teacher:
             return self.forced_language
         if not e.language:
             return -1
-        from dwjax.text.languages import check_language
         try:
             code = check_language(e.language, self.tok, f"the teacher {self.opts.teacher}")
         except ConfigError as err:
-            from dwjax.text.languages import LANGUAGES, resolve_language
             try:
                 known = resolve_language(e.language) in LANGUAGES
             except ConfigError:
@@ -121,7 +109,6 @@ class Teacher:
         lid = self.language_id(e)
         if isinstance(lid, str) or e.text is None:
             return lid
-        from dwjax.text.languages import script_problem
         language = "en" if self.task(e) == "translate" else (self.opts.language or e.language)
         problem = script_problem(e.text, language)
         return problem if problem is not None else lid
@@ -133,7 +120,6 @@ class Teacher:
         `local_task`: each row's task token (default: the run's task). `local_active`: False for padding rows
         (not encoded, decoded as done: their results are meaningless); default all True. `local_limit`: each
         row's most generated tokens (`limits`, the runaway stop); default the budget."""
-        import jax
         s = self.batch_sharding
         if local_task is None:
             local_task = np.full(local_lang.shape, self.template[2] if self.multilingual else -1, np.int32)
@@ -146,45 +132,9 @@ class Teacher:
         if local_limit is None:
             local_limit = np.full(local_lang.shape, self.max_new, np.int32)
         limit = jax.make_array_from_process_local_data(s, np.asarray(local_limit, np.int32), (global_b,))
-        out = self._step(self.params, self._mel(audio), lang, task, active, limit)
+        out = self.engine.label(self.engine.features(audio), lang, task, active, limit, spec=self.spec,
+                                template=self.template, language_ids=self.language_ids, max_new=self.max_new)
         return {k: _local_rows(v, local_audio.shape[0]) for k, v in out.items()}
-
-
-def label_step(model, spec, template, language_ids, max_new: int, params, mel, lang, task=None, active=None,
-               limit=None):
-    """One device's rows: encoder, language detection (multilingual teachers, rows with lang < 0), greedy decode.
-
-    `template` is the prompt; for multilingual teachers position 1 holds the language token, filled per row from
-    `lang` (>= 0: forced) or the detected language, and position 2 the task token, per row from `task` when
-    given. Outputs also `language` (the token used) and `language_probability` (the teacher's probability of it
-    among the language tokens). Pure: the pseudo-labeller runs it under shard_map; the accelerator benchmark
-    times the same function. `active` (b,) bool: False for padding rows (not encoded, decoded as done). `limit`
-    (b,) int: each row's most generated tokens (the runaway stop; default max_new)."""
-    import jax
-    import jax.numpy as jnp
-
-    from dwjax.decoding.generate import decode_loop
-    from dwjax.models.whisper import encode_batch
-    b = mel.shape[0]
-    enc = encode_batch(model, params, mel, active)
-    prompt = jnp.broadcast_to(jnp.asarray(template, jnp.int32), (b, len(template)))
-    if language_ids is not None:
-        ids = jnp.asarray(language_ids, jnp.int32)
-        logits, _ = model.apply({"params": params}, jnp.full((b, 1), spec.sot, jnp.int32), enc, None,
-                                method="decode")
-        scores = jnp.take(logits[:, 0], ids, axis=-1).astype(jnp.float32)
-        detected = ids[jnp.argmax(scores, axis=-1)]
-        lang = jnp.where(lang >= 0, lang, detected).astype(jnp.int32)
-        probs = jax.nn.softmax(scores, axis=-1)
-        lang_prob = jnp.sum(jnp.where(ids[None, :] == lang[:, None], probs, 0.0), axis=-1)
-        prompt = prompt.at[:, 1].set(lang)
-        if task is not None:
-            prompt = prompt.at[:, 2].set(jnp.asarray(task, jnp.int32))
-    out = decode_loop(model, spec, params, enc, prompt, max_new, 0.0, None, 0, active=active, limit=limit)
-    out["language"] = lang
-    if language_ids is not None:
-        out["language_probability"] = lang_prob
-    return out
 
 
 def _local_rows(x, n_local: int) -> np.ndarray:
@@ -235,15 +185,6 @@ def _check_languages(pending: list[Example], teacher: "Teacher", report: bool = 
                   f"{status}", file=sys.stderr, flush=True)
 
 
-def _local_transcriber(teacher: "Teacher", opts: LabelOptions, cache: dict):
-    """A single-device Transcriber sharing the teacher's weights (long-form audio and beam search)."""
-    if "transcriber" not in cache:
-        from dwjax.decoding.transcribe import Transcriber
-        cache["transcriber"] = Transcriber(teacher.loaded, dtype=opts.dtype, batch_size=max(1, opts.batch_size),
-                                           scan_layers=opts.scan_layers)
-    return cache["transcriber"]
-
-
 def _decode_kw(opts: LabelOptions, language: Optional[str], task: Optional[str] = None) -> dict:
     kw = dict(language=language, task=task or opts.task, timestamps=opts.timestamps,
               max_new_tokens=opts.max_new_tokens)
@@ -252,9 +193,9 @@ def _decode_kw(opts: LabelOptions, language: Optional[str], task: Optional[str] 
     return kw
 
 
-def _long_row(teacher: "Teacher", opts: LabelOptions, item: _Loaded, cache: dict) -> dict:
+def _long_row(teacher: "Teacher", opts: LabelOptions, item: _Loaded) -> dict:
     """The row of a clip over 30 s: its long-form decoding, or the reason that failed."""
-    tr = _local_transcriber(teacher, opts, cache)
+    tr = teacher.local_transcriber()
     e = item.example
     lid = teacher.language_id(e)
     language = teacher.code_of.get(lid) if isinstance(lid, int) and lid >= 0 else None
