@@ -1,6 +1,7 @@
-"""Decoder speed per token: teacher vs its 2-decoder-layer student, at base and at the paper's large-v2 shape.
+"""Decoder speed per token: teacher vs its student (2 decoder layers, or `--student-layers`), at base and at the
+paper's large-v2 shape.
 
-    python benchmarks/bench_student_speed.py [--shapes base,large-v2] [--steps 32] [--batch 1]
+    python benchmarks/bench_student_speed.py [--shapes base,large-v2] [--student-layers 2] [--steps 32] [--batch 1]
 
 Each model decodes a fixed number of greedy steps (`--steps`, EOT suppressed so every row runs them all) on a
 shared random encoder output, through the same jitted loop `dwjax transcribe` uses; random weights are fine for
@@ -62,22 +63,23 @@ def main() -> None:
     ap.add_argument("--shapes", default="base,large-v2")
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--student-layers", type=int, default=2, help="the student's decoder layers (default 2)")
     args = ap.parse_args()
-    print("| shape | teacher ms/token | student (2 dec.) ms/token | speed-up | MFLOP/token T / S | "
+    print("| shape | teacher ms/token | student ms/token | speed-up | MFLOP/token T / S | "
           "MB read/token T / S | bytes ceiling |")
     print("|---|---|---|---|---|---|---|", flush=True)
     shapes = args.shapes.split(",")
     bar = progress(len(shapes) * 2 * (1 + REPEATS) * args.steps * args.batch, "bench_student_speed", unit="token")
     for name in shapes:
         teacher = official(name)
-        student = teacher.replace(decoder_layers=2)
+        student = teacher.replace(decoder_layers=args.student_layers)
         enc = jnp.asarray(np.random.RandomState(0).randn(args.batch, teacher.n_audio_ctx, teacher.d_model)
                           .astype(np.float32) * 0.5)
         t = time_decoder(teacher, enc, args.steps, bar=bar, name=f"{name} teacher")
         s = time_decoder(student, enc, args.steps, bar=bar, name=f"{name} student")
         ft, fs = decoder_flops_per_token(teacher, False) / 1e6, decoder_flops_per_token(student, False) / 1e6
         bt, bs = per_token_bytes(teacher, args.batch) / 1e6, per_token_bytes(student, args.batch) / 1e6
-        echo(f"| {name} {teacher.decoder_layers}-{teacher.decoder_layers} vs 2 | {1e3 * t:.1f} | {1e3 * s:.1f} | "
+        echo(f"| {name} {teacher.decoder_layers}-{teacher.decoder_layers} vs {args.student_layers} | {1e3 * t:.1f} | {1e3 * s:.1f} | "
              f"{t / s:.2f}x | {ft:.0f} / {fs:.0f} | {bt:.0f} / {bs:.0f} | {bt / bs:.2f}x |")
     bar.close()
 
