@@ -22,6 +22,7 @@ teacher encoder's output is computed once per row before training and read from 
 """
 from __future__ import annotations
 
+import concurrent.futures as futures
 import json
 import os
 import time
@@ -29,18 +30,21 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from dwjax import checkpoint as ckpt_lib
 from dwjax import mesh as mesh_lib
-from dwjax.audio import log_mel_spectrogram
+from dwjax.audio import N_SAMPLES, log_mel_spectrogram
 from dwjax.config import Config, to_dict, to_yaml
-from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled
+from dwjax.data.encoder_cache import numpy_dtype, open_cache, teacher_fingerprint
+from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled, row_audio
 from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.flops import peak_flops, train_step_flops
 from dwjax.metrics import MetricsWriter
 from dwjax.trainer import Progress, StepInfo, Trainer
+from dwjax.train_step import make_sharded_train_step, shares_encoder
 from dwjax.training_eval import GreedyWer, TeacherForced, load_eval_sets, mean_student_wer
 from dwjax.weights.loading import LoadedModel, load_model, save_dwjax
 
@@ -68,7 +72,6 @@ def _host(tree):
     leaves = jax.tree_util.tree_leaves(tree)
     if all(getattr(x, "is_fully_addressable", True) or getattr(x, "is_fully_replicated", False) for x in leaves):
         return jax.device_get(tree)
-    from jax.experimental import multihost_utils
     return multihost_utils.process_allgather(tree, tiled=True)
 
 
@@ -90,7 +93,6 @@ def _set_aside_newer(checkpointer: ckpt_lib.Checkpointer, restored: int,
             os.replace(src, dst)
             moved[s] = dst
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices("dwjax-set-aside-corrupt-checkpoints")
     directory = checkpointer.directory
     checkpointer.close()
@@ -210,7 +212,6 @@ def run(cfg: Config, *, devices=None) -> dict:
     accum = cfg.train.grad_accum_steps
     global_batch = cfg.train.per_device_batch_size * n_dev * accum      # examples per optimizer step
 
-    from dwjax.train_step import make_sharded_train_step, shares_encoder
     steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)   # checks the model fits the mesh
     if cfg.train.encoder_cache and not shares_encoder(student.cfg, teacher.cfg):
         raise UserError("train.encoder_cache caches the teacher's encoder, but this student has an encoder of its "
@@ -218,13 +219,10 @@ def run(cfg: Config, *, devices=None) -> dict:
                         "(it keeps the teacher's encoder) or set train.encoder_cache=null")
     cache = None
     if cfg.train.encoder_cache:
-        from dwjax.data.encoder_cache import open_cache, teacher_fingerprint
-
         n_syncs = [0]
 
         def sync():
             if jax.process_count() > 1:
-                from jax.experimental import multihost_utils
                 n_syncs[0] += 1
                 multihost_utils.sync_global_devices(f"dwjax-encoder-cache-open-{n_syncs[0]}")
         cache = open_cache(cfg.train.encoder_cache, sets,
@@ -393,11 +391,6 @@ def fill_encoder_cache(cache, steps, teacher_params, n_mels: int, cfg: Config, g
                        workers: int) -> int:
     """Computes the cache's missing rows on the mesh (each process its rows of each global batch of
     `global_batch` rows) and writes them (dwjax/data/encoder_cache.py)."""
-    import concurrent.futures as futures
-
-    from dwjax.audio import N_SAMPLES
-    from dwjax.data.encoder_cache import numpy_dtype
-    from dwjax.data.loader import row_audio
     features = Features(n_mels, steps.batch_sharding)
     dtype = {"float16": jnp.float16, "bfloat16": jnp.bfloat16}[cfg.train.encoder_cache_dtype]
 

@@ -40,9 +40,15 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
-from dwjax.audio import SAMPLE_RATE, load_audio, load_audio_bytes
+from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
+from dwjax.data.manifest import parse_spec, read_dataset
+from dwjax.decoding.longform import transcribe_long
+from dwjax.decoding.speculative import SpeculativeTranscriber
+from dwjax.decoding.transcribe import AudioProgress, Transcriber
 from dwjax.errors import AudioError, UserError
 from dwjax.evaluation_sets import long_recordings, noisy_audio
+from dwjax.text.languages import check_language, normalizer, resolve_language, script_problem
+from dwjax.text.languages import score as language_score
 from dwjax.text.wer import error_rates, repeated_ngrams
 
 RATE_KEYS = ("wer", "orthographic_wer", "ier", "ser", "der")
@@ -83,8 +89,6 @@ def read_set(spec: str, max_samples: Optional[int] = None):
     written in its language's script is a failure {"set", "id", "audio", "error"}, not an item (one failure per
     unknown language, however many rows have it); a manifest that cannot be read, or that lacks reference text,
     raises UserError."""
-    from dwjax.text.languages import resolve_language, script_problem
-    from dwjax.data.manifest import parse_spec, read_dataset
     name, _ = parse_spec(spec)
     examples = read_dataset(spec)
     if max_samples:
@@ -129,7 +133,6 @@ def score(refs: Sequence[str], hyps: Sequence[str], languages: Optional[Sequence
     """WER parts (normalised), orthographic WER and repeated 5-grams of paired texts. Each pair is normalised with
     the normaliser of its language (`languages`, one per pair; None: English, see dwjax/text/languages.py)."""
     if languages is not None and any(lang not in (None, "en") for lang in languages):
-        from dwjax.text.languages import normalizer
         refs_n = [normalizer(lang)(r) for r, lang in zip(refs, languages)]
         hyps_n = [normalizer(lang)(h) for h, lang in zip(hyps, languages)]
         norm = error_rates(refs_n, hyps_n, normalize=False)
@@ -144,7 +147,6 @@ def score(refs: Sequence[str], hyps: Sequence[str], languages: Optional[Sequence
 
 
 def _progress(audios, desc: str, enabled: bool):
-    from dwjax.decoding.transcribe import AudioProgress
     return AudioProgress([len(a) / SAMPLE_RATE for a in audios], desc, enabled=enabled)
 
 
@@ -208,7 +210,6 @@ def _bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
 
 def _language_table(items, results, languages, tasks, detected, teacher_detected) -> list[dict]:
     """Per (language, task) of a set: error rate, BLEU (translations), language-ID accuracy and agreement."""
-    from dwjax.text.languages import score as language_score
     by: dict[tuple, list[int]] = {}
     for i, key in enumerate(zip(languages, tasks)):
         by.setdefault(key, []).append(i)
@@ -237,10 +238,8 @@ def _language_table(items, results, languages, tasks, detected, teacher_detected
 
 def make_transcriber(model: str, assistant: Optional[str] = None, batch_size: int = 8, dtype: str = "float32",
                      k: int = 5):
-    from dwjax.decoding.transcribe import Transcriber
     tr = Transcriber(model, dtype=dtype, batch_size=batch_size)
     if assistant:
-        from dwjax.decoding.speculative import SpeculativeTranscriber
         tr = SpeculativeTranscriber(tr, assistant, k=k)
     return tr
 
@@ -297,15 +296,12 @@ def evaluate_set(transcriber, name: str, items, opts: EvalOptions, progress: boo
 
 
 def _code(language: str) -> str:
-    from dwjax.text.languages import resolve_language
     return resolve_language(language)
 
 
 def _transcribe_all(transcriber, audios, opts: EvalOptions, progress: Optional[Callable] = None, **kw):
     """Clips <= 30 s through `transcribe` (batched); longer ones through `transcribe_long` with the chosen method.
     `progress(indices)` is called as clips finish (indices into `audios`)."""
-    from dwjax.audio import N_SAMPLES
-    from dwjax.decoding.longform import transcribe_long
     short = [i for i, a in enumerate(audios) if len(a) <= N_SAMPLES]
     out = [None] * len(audios)
     if short:
@@ -321,7 +317,6 @@ def _transcribe_all(transcriber, audios, opts: EvalOptions, progress: Optional[C
 
 
 def evaluate_long_form(transcriber, items, opts: EvalOptions, progress: bool = False, name: str = "") -> dict:
-    from dwjax.decoding.longform import transcribe_long
     recs = long_recordings(items, opts.long_form_seconds)
     hyps, wall, audio_s = [], 0.0, 0.0
     desc = f"evaluate {name} long-form" if name else "evaluate long-form"
@@ -359,7 +354,6 @@ def macro(sets: list[dict]) -> dict:
 def _usable_items(name: str, items, tokenizer, model: str, opts: EvalOptions):
     """(the items `model` can decode, one failure per language / task of the set it cannot): a language outside
     its vocabulary, a non-English language or a translation for an English-only model."""
-    from dwjax.text.languages import check_language
     forced = opts.language not in (None, "manifest")
     refused: dict[str, list] = {}
     keep = []
@@ -403,7 +397,6 @@ def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, o
         raise UserError(f"task must be transcribe or translate, not {opts.task!r}")
     tr = transcriber
     if opts.language not in (None, "manifest"):      # the run's option: a bad one refuses the run (one line)
-        from dwjax.text.languages import check_language
         _code(opts.language)                         # an unknown code, before any model is loaded
         tr = tr or make_transcriber(model, assistant, opts.batch_size, dtype, opts.k)
         check_language(opts.language, tr.tokenizer, model)

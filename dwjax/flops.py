@@ -8,6 +8,8 @@ import os
 
 import jax
 
+from dwjax.train_step import shares_encoder
+
 CPU_PEAK_FLOPS = 140e9     # this project's reference CPU (2 cores, fp32); set DWJAX_PEAK_FLOPS for others
 
 #: dense peaks per device (bf16 on accelerators), matched against the lower-cased device kind
@@ -62,7 +64,6 @@ def train_step_flops(teacher, student, examples: int, length: int, with_encoder:
     per-token decoder work (student with backward, teacher forward) + the teacher encoder (`with_encoder`; False
     when its output comes from the encoder cache); full adds a student encoder of its own, attention scores and
     the cross keys/values. `frozen`: optim.frozen (a frozen embed_tokens has no weight gradient)."""
-    from dwjax.train_step import shares_encoder
     student_per_token = decoder_flops_per_token(student, True, frozen_embedding="embed_tokens" in frozen)
     base = examples * (length * (student_per_token + decoder_flops_per_token(teacher, False))
                        + (encoder_flops(teacher) if with_encoder else 0.0))

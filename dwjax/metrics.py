@@ -19,7 +19,7 @@ class MetricsWriter:
         if jsonl:
             self.jsonl = open(os.path.join(directory, "metrics.jsonl"), "a", buffering=1)
         if tensorboard:
-            from tensorboardX import SummaryWriter
+            from tensorboardX import SummaryWriter   # lazy: 1.5 s to import, needed only with tensorboard on
             self.tb = SummaryWriter(os.path.join(directory, "tensorboard"))
         if wandb:
             import wandb as wb

@@ -29,14 +29,20 @@ import time
 from pathlib import Path
 from typing import Optional
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from dwjax.config import Config, override
+from dwjax.decoding.generate import Generator
+from dwjax.decoding.rules import DecodeSpec
 from dwjax.errors import ConfigError
 from dwjax.flops import generate_flops, train_step_flops
-from dwjax.mesh import MESH_AXES, validate_for_devices
+from dwjax.mesh import MESH_AXES, make_mesh, replicated, validate_for_devices
 from dwjax.models.configs import OFFICIAL, WhisperConfig, official
+from dwjax.models.whisper import Whisper, abstract_params, count_params
+from dwjax.train_step import BATCH_KEYS, _dtype, make_sharded_train_step, module_kwargs
+from dwjax.weights.loading import _cfg_from_hf, load_model
 
 GiB = 1024 ** 3
 #: below this margin a plan that fits is flagged as tight (runtime reserves and estimate error)
@@ -73,11 +79,9 @@ def resolve_teacher_shape(spec: str) -> tuple[str, WhisperConfig]:
         meta = json.loads((path / "dwjax_config.json").read_text())
         return str(path), WhisperConfig.from_dict(meta["model"])
     if path.is_dir() and (path / "config.json").exists() and "num_mel_bins" in (path / "config.json").read_text():
-        from dwjax.weights.loading import _cfg_from_hf
         return str(path), _cfg_from_hf(json.loads((path / "config.json").read_text()))
     if path.exists() or text.startswith("builtin:"):
-        from dwjax.weights.loading import load_model   # CTranslate2 / OpenAI files: the shape is in the weights
-        return text, load_model(text).cfg
+        return text, load_model(text).cfg      # CTranslate2 / OpenAI files: the shape is in the weights
     raise ConfigError(f"unknown teacher {text!r}: give an official shape ({', '.join(sorted(OFFICIAL))}), "
                       f"WhisperConfig fields as JSON, or a model path")
 
@@ -100,7 +104,6 @@ def student_shape(teacher_cfg: WhisperConfig, decoder_layers: int = 2) -> Whispe
 
 def planning_spec(vocab_size: int):
     """A DecodeSpec with Whisper's special-token layout for `vocab_size` (no tokenizer needed; shapes only)."""
-    from dwjax.decoding.rules import DecodeSpec
     if vocab_size >= 51864:
         eot = 50256 if vocab_size == 51864 else 50257
         ts = vocab_size - 1501
@@ -208,11 +211,6 @@ def _flops(cost) -> float:
 
 
 def _train_plan(cfg: Config, mesh, teacher_cfg, student_cfg, length: int, compiler_options, count_flops: bool):
-    from dwjax.train_step import BATCH_KEYS, make_sharded_train_step
-    from dwjax.models.whisper import abstract_params
-    from dwjax.train_step import module_kwargs
-    import flax.linen as nn
-
     n = mesh.devices.size
     k = cfg.train.grad_accum_steps
     rows = cfg.train.per_device_batch_size * n * k
@@ -257,12 +255,6 @@ def _generate_plan(cfg: Config, mesh, teacher_cfg, compiler_options, count_flops
     """The pseudo-labeller's step (`Generator.label`, the engine's: encode + greedy decode per device, rows split
     over data x fsdp), parameters replicated (float32, as `dwjax pseudo-label` holds them), compute in
     `model.dtype`, the encoder over the whole batch as on accelerators."""
-    from dwjax.decoding.generate import Generator
-    from dwjax.mesh import replicated
-    from dwjax.models.whisper import Whisper, abstract_params
-    from dwjax.train_step import _dtype
-    import flax.linen as nn
-
     n = mesh.devices.size
     b = cfg.label.batch_size * n
     spec = planning_spec(teacher_cfg.vocab_size)
@@ -306,8 +298,6 @@ def make_plan(cfg: Config, teacher_cfg: WhisperConfig, student_cfg: WhisperConfi
               devices=None, compiler_options: dict | None = None, count_flops: bool = True,
               generate: bool = True, max_new_tokens: int = GENERATE_MAX_NEW_TOKENS) -> Plan:
     """Compile the train (and generate) step for `cfg.devices.count` devices (default: the first CPU devices)."""
-    from dwjax import mesh as mesh_lib
-
     start = time.perf_counter()
     if cfg.devices is None:
         raise ConfigError("dwjax plan needs a topology with a `devices:` section (kind, count, memory_gb): "
@@ -320,7 +310,7 @@ def make_plan(cfg: Config, teacher_cfg: WhisperConfig, student_cfg: WhisperConfi
         raise ConfigError(f"the topology has {n} devices but only {len(devices)} fake devices are available: "
                           f"set XLA_FLAGS=--xla_force_host_platform_device_count={n} before JAX starts")
     shape = validate_for_devices(cfg, n, cfg.devices.processes)
-    mesh = mesh_lib.make_mesh(cfg, devices[:n])
+    mesh = make_mesh(cfg, devices[:n])
     length = min(cfg.data.max_label_length, student_cfg.n_text_ctx, teacher_cfg.n_text_ctx)
     train = _train_plan(cfg, mesh, teacher_cfg, student_cfg, length, compiler_options, count_flops)
     gen = _generate_plan(cfg, mesh, teacher_cfg, compiler_options, count_flops, max_new_tokens) if generate else None
@@ -344,8 +334,6 @@ def _tflop(x: Optional[float]) -> str:
 
 
 def _nparams(cfg: WhisperConfig) -> int:
-    from dwjax.models.whisper import abstract_params, count_params
-    import flax.linen as nn
     return count_params(nn.unbox(abstract_params(cfg)))
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -38,6 +39,7 @@ import numpy as np
 import optax
 
 from dwjax import losses
+from dwjax import mesh as mesh_lib
 from dwjax.config import Config, LossConfig, OptimConfig
 from dwjax.errors import ConfigError
 from dwjax.models.configs import WhisperConfig
@@ -314,7 +316,6 @@ def check_shardable(models: dict, mesh, rules) -> None:
     """Every parameter dimension of `models` ({"teacher": boxed abstract params, ...}) must divide evenly over the
     mesh axes its logical name maps to; otherwise one ConfigError naming the dimensions, their sizes, the mesh axis
     and the sizes that would fit (instead of JAX's IndivisibleError from inside the first device_put)."""
-    import math
     sizes = dict(mesh.shape)
     bad: dict[str, dict[tuple[str, int], set[str]]] = {}     # mesh axes text -> {(logical, dim): {model}}
     dims_on: dict[str, list[int]] = {}                       # mesh axes text -> every dim sharded over it
@@ -362,8 +363,6 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
     set, flax's DenseGeneral checks parameter shapes by running its kernel init, which applies the 3-name logical
     constraint of the attention kernels to the flattened 2-D kernel and fails. So the activations' logical
     constraints in the model are no-ops and GSPMD propagates from the in/out shardings stated here."""
-    from dwjax import mesh as mesh_lib
-
     rules = mesh_lib.logical_rules(cfg)
     student_model, teacher_model = make_models(cfg.model, student_cfg, teacher_cfg)
     tx, schedule = make_optimizer(cfg.optim)

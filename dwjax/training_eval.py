@@ -19,8 +19,10 @@ import jax
 import numpy as np
 
 from dwjax.audio import N_SAMPLES, load_audio, load_audio_bytes, log_mel_spectrogram, pad_or_trim
+from dwjax.data.loader import bucket_length
 from dwjax.data.manifest import read_dataset
 from dwjax.decoding.transcribe import Transcriber
+from dwjax.losses import make_decoder_batch
 from dwjax.models.kernels import Kernels
 from dwjax.text.wer import wer
 
@@ -99,8 +101,6 @@ class TeacherForced:
 
     def __init__(self, sets: list[EvalSet], tokenizer, n_mels: int, global_batch: int, steps, max_tokens: int,
                  process_index: int = 0, process_count: int = 1):
-        from dwjax.data.loader import bucket_length
-        from dwjax.losses import make_decoder_batch
         self.steps, self.make = steps, make_decoder_batch
         self.global_batch, self.proc, self.n_proc = global_batch, process_index, process_count
         self.sets = [es for es in sets if es.rows]

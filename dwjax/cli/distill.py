@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import warnings
 
 from dwjax.config import add_config_args, config_from_args
 
@@ -21,9 +22,7 @@ def main(argv=None) -> int:
     add_config_args(p)
     args = p.parse_args(argv)
     cfg = config_from_args(args)
-    import warnings
-
-    from dwjax.checkpoint import CheckpointFallbackWarning
+    from dwjax.checkpoint import CheckpointFallbackWarning  # lazy: keeps --help fast (the stage imports jax)
     from dwjax.distill import run
     with warnings.catch_warnings():
         # the run prints one line per skipped checkpoint step itself (which, why, the step used instead)

@@ -31,7 +31,10 @@ import json
 import sys
 from pathlib import Path
 
+import yaml
+
 from dwjax.errors import ConfigError, UserError
+from dwjax.evaluation_tables import markdown_table
 
 KEYS = ("model", "assistant", "data", "output", "long_form", "long_form_seconds", "chunk_length", "noise", "snr",
         "batch_size", "max_samples", "dtype", "k", "seed", "language", "task", "teacher", "max_new_tokens")
@@ -70,7 +73,6 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args) -> dict:
     conf = {}
     if args.config:
-        import yaml
         path = Path(args.config)
         if not path.exists():
             raise ConfigError(f"no such config file: {path}")
@@ -105,8 +107,7 @@ def resolve(args) -> dict:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     conf = resolve(args)
-    from dwjax.evaluation import EvalOptions, evaluate
-    from dwjax.evaluation_tables import markdown_table
+    from dwjax.evaluation import EvalOptions, evaluate  # lazy: keeps --help fast (the stage imports jax)
     opts = EvalOptions()
     for key in ("batch_size", "max_samples", "long_form", "long_form_seconds", "chunk_length", "noise", "seed",
                 "max_new_tokens", "language", "task", "teacher", "k"):

@@ -6,6 +6,7 @@ hf and ctranslate2 formats need `tokenizers` (installed with dwjax); openai need
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from dwjax.errors import UserError
 
@@ -34,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
-    from dwjax.weights import export
+    from dwjax.weights import export  # lazy: keeps --help fast (the stage imports jax)
 
     # cheap checks first: no model is loaded for a command that cannot succeed
     if args.fmt not in export.FORMATS:
@@ -43,7 +44,6 @@ def main(argv: list[str]) -> int:
         raise UserError(f"unknown --dtype {args.dtype!r}; choose float32 or float16")
     if args.decoder_only and args.fmt != "hf":
         raise UserError("--decoder-only is only for --format hf (a transformers assistant model)")
-    from pathlib import Path
     export._check_output(Path(args.output).expanduser(), args.overwrite)
     export.check_writable(args.output)          # a read-only or forbidden --output, before the model is loaded
     export.needs(args.fmt)                      # torch for openai, tokenizers for hf / ctranslate2

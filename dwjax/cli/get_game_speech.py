@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import gzip
+import hashlib
 import io
 import os
 import shutil
@@ -29,6 +30,8 @@ import tempfile
 import time
 import urllib.parse
 from pathlib import Path
+
+from tqdm import tqdm
 
 from dwjax.demo.game_speech import extract_bass, extract_fotaq
 from dwjax.data.manifest import write_manifest
@@ -68,7 +71,6 @@ def split_by_speaker(rows: list[dict], fraction: float) -> tuple[list[dict], lis
     """(train, heldout): whole speaker groups, taken in the order of sha256(speaker), go to heldout until it holds
     at least `fraction` of the clips; a group larger than half the clips (fotaq's hero) always stays in train.
     A function of the speakers and their clip counts only, so every machine makes the same split."""
-    import hashlib
     if not 0.0 < fraction < 1.0:
         raise UserError(f"--holdout must be between 0 and 1 (exclusive), not {fraction}")
     sizes: dict[str, int] = {}
@@ -213,7 +215,6 @@ def _progress_factory(enabled: bool):
     def progress(items, total, desc):
         if not enabled:
             return items
-        from tqdm import tqdm
         return tqdm(items, total=total, desc=desc, unit="clip", file=sys.stderr, dynamic_ncols=True)
     return progress
 

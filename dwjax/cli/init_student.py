@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UserError(f"--output {out} is not empty: choose another directory or pass --overwrite")
 
-    from dwjax.weights.export import check_writable
+    from dwjax.weights.export import check_writable  # lazy: keeps --help fast (the stage imports jax)
     from dwjax.weights.loading import load_model, save_dwjax
     check_writable(out)                                   # before the teacher is loaded
     teacher = load_model(args.teacher)

@@ -87,7 +87,7 @@ def main(argv: list[str]) -> int:
         env[_CHILD] = "1"
         return subprocess.run([sys.executable, "-m", "dwjax", "plan", *argv], env=env).returncode
 
-    from dwjax import plan as plan_lib
+    from dwjax import plan as plan_lib   # lazy: XLA_FLAGS above must be set before jax is imported
 
     teacher_name, teacher_cfg = plan_lib.resolve_teacher_shape(args.teacher or cfg.model.teacher)
     student_cfg = plan_lib.student_shape(teacher_cfg, args.student_decoder_layers)

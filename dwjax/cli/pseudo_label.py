@@ -71,9 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from dwjax.mesh import initialize_distributed
+    from dwjax.mesh import initialize_distributed  # lazy: keeps --help fast (imports jax)
     initialize_distributed()                      # first: before anything touches JAX devices
-    from dwjax.pseudo_label import LabelOptions, label_datasets
+    from dwjax.pseudo_label import LabelOptions, label_datasets  # lazy: keeps --help fast (the stage imports jax)
     label = dict(data=args.data, output=args.output, batch_size=args.batch_size, timestamps=args.timestamps,
                  language=args.language, task=args.task, num_beams=args.num_beams,
                  max_new_tokens=args.max_new_tokens, pack=args.pack, pack_gap_s=args.pack_gap,

@@ -72,6 +72,7 @@ def main(argv=None) -> int:
         print(f"dwjax transcribe: error: {reason}", file=sys.stderr)
     if not good:
         return 1
+    from dwjax.decoding.speculative import SpeculativeTranscriber  # lazy: keeps --help fast (the stage imports jax)
     from dwjax.decoding.transcribe import AudioProgress, Transcriber
     transcriber = Transcriber(args.model, dtype=args.dtype, batch_size=min(args.batch_size, len(good)))
     kw = dict(language=args.language, task=args.task, timestamps=args.timestamps,
@@ -80,7 +81,6 @@ def main(argv=None) -> int:
         kw["num_beams"] = args.beams
     kw.update(chunk_length=args.chunk_length, long_form=args.long_form)
     if args.assistant:
-        from dwjax.decoding.speculative import SpeculativeTranscriber
         transcriber = SpeculativeTranscriber(transcriber, args.assistant)
     audios = [a for _, a in good]
     several = len(args.audio) > 1

@@ -32,9 +32,13 @@ import hashlib
 import json
 import os
 from pathlib import Path
+import sys
 from typing import Callable, Optional, Sequence
 
+import jax
+import ml_dtypes
 import numpy as np
+from tqdm import tqdm
 
 from dwjax.errors import UserError
 
@@ -47,14 +51,12 @@ def numpy_dtype(name: str):
     if name == "float16":
         return np.dtype(np.float16)
     if name == "bfloat16":
-        import ml_dtypes
         return np.dtype(ml_dtypes.bfloat16)
     raise UserError(f"train.encoder_cache_dtype must be one of {', '.join(DTYPES)}, got {name!r}")
 
 
 def teacher_fingerprint(encoder_params, n_mels: int, compute_dtype: str) -> str:
     """sha256 over the teacher encoder's parameters (path, dtype, shape, bytes), n_mels and the compute dtype."""
-    import jax
     h = hashlib.sha256(f"n_mels={n_mels};dtype={compute_dtype}".encode())
     for path, x in sorted(jax.tree_util.tree_flatten_with_path(encoder_params)[0],
                           key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -147,8 +149,6 @@ class EncoderCache:
         lo = process_index * local
         bar = None
         if progress and process_index == 0:
-            import sys
-            from tqdm import tqdm
             bar = tqdm(total=len(todo), desc="encoder cache", unit="row", file=sys.stderr, dynamic_ncols=True)
         for start in range(0, len(todo), global_batch):
             chunk = todo[start: start + global_batch]

@@ -55,7 +55,10 @@ from __future__ import annotations
 import concurrent.futures as futures
 import dataclasses
 import functools
+import glob
+import json
 import math
+import os
 from typing import Optional, Sequence
 
 import numpy as np
@@ -63,7 +66,9 @@ import numpy as np
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.data.label_filter import LabelFilter, format_counts, judge, new_counts
 from dwjax.data.label_store import read_part
+from dwjax.data.packing import Member, Window, window_audio
 from dwjax.errors import UserError
+from dwjax.text.languages import resolve_language
 
 
 @dataclasses.dataclass
@@ -115,11 +120,9 @@ def read_labelled(name: str, path: str, rule: LabelFilter | float | None = Label
     `label_filter.new_counts` (kept, and dropped by reason) for the report. Packed rows need `tokenizer` (their
     plain-text form, module docstring); without one they are stripped of timestamp tokens like clips.
     `language` / `task`: the prompt's language and task for every row of the set (None: each row's own)."""
-    import json
     if task is not None and task not in ("transcribe", "translate"):
         raise UserError(f"data.train {name}: task must be transcribe or translate, not {task!r}")
     if language is not None:
-        from dwjax.text.languages import resolve_language
         language = resolve_language(language)
     if not isinstance(rule, LabelFilter):
         rule = LabelFilter(wer_threshold=rule)
@@ -206,8 +209,6 @@ def _pseudo_label_hint(path: str) -> str:
 
 def _label_files(path: str) -> list[str]:
     """The parquet files of a pseudo-label directory (or the one file given); UserError for anything else."""
-    import glob
-    import os
     if not os.path.exists(path):
         raise UserError(f"data.train path {path} does not exist (expected the output directory of "
                         f"`dwjax pseudo-label`)")
@@ -415,7 +416,6 @@ class TrainBatches:
 
 def member_window(s: LabelledSet, i: int):
     """A packed row's `dwjax.data.packing.Window` (from its `members`)."""
-    from dwjax.data.packing import Member, Window
     mem = s.members[i]
     return Window(s.ids[i], None, tuple(Member(str(m["id"]), float(m["offset_s"]), float(m["duration_s"]))
                                         for m in mem), None)
@@ -428,7 +428,6 @@ def row_audio(s: LabelledSet, i: int) -> tuple[np.ndarray, Optional[float]]:
         src = s.audio[i]
         a = load_audio_bytes(src, name=s.ids[i]) if isinstance(src, bytes) else load_audio(src)
         return a, None
-    from dwjax.data.packing import window_audio
     held = s.member_bytes[i] or [None] * len(s.members[i])
     clips = [load_audio_bytes(b, name=f"{s.ids[i]}/{m['id']}") if b else load_audio(m["audio"])
              for m, b in zip(s.members[i], held)]

@@ -30,6 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import pyarrow as pa
+import pyarrow.parquet as pq
+
 from dwjax.errors import UserError
 
 __all__ = ["Example", "read_dataset", "write_manifest", "parse_spec"]
@@ -294,9 +297,6 @@ def _read_directory(path: Path, name: str) -> list[Example]:
 
 
 def _open_table(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     if not path.exists():
         raise UserError(f"{path}: missing data file")
     try:

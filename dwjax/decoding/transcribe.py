@@ -10,12 +10,14 @@ Short-form (<= 30 s) clips are batched into fixed-size buckets (the last batch i
 """
 from __future__ import annotations
 
+import sys
 from typing import Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm import tqdm
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
 from dwjax.decoding.generate import Generator
@@ -170,9 +172,6 @@ class AudioProgress:
         self.seconds = [float(s) for s in seconds]
         self.bar = None
         if enabled and self.seconds:
-            import sys
-
-            from tqdm import tqdm
             self.bar = tqdm(total=sum(self.seconds), desc=desc, unit=" audio-s", file=sys.stderr, dynamic_ncols=True,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n:.1f}/{total:.1f} audio-s "
                                        "[{elapsed}<{remaining}, {rate_noinv_fmt}]")

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import BinaryIO, Callable, Iterable, Iterator
 
 import numpy as np
+import propack
+import soundfile as sf
 
 from dwjax.errors import UserError
 
@@ -190,7 +192,6 @@ def sky_speech_pcm(raw: bytes) -> bytes:
     flag = raw[0] | raw[1] << 8
     body = raw[SKY_HEADER:]
     if (flag >> 7) & 1 and body[:3] == b"RNC":
-        import propack                                   # install: pip install propack (a dwjax dependency)
         try:
             return bytes(propack.unpack(body))
         except Exception as e:                           # propack raises ValueError and friends on bad data
@@ -209,8 +210,6 @@ def bass_section(number: int) -> int:
 
 def write_pcm_u8_flac(path: str | os.PathLike, pcm: bytes, sample_rate: int = SAMPLE_RATE) -> int:
     """8-bit unsigned PCM -> 8-bit FLAC (lossless); returns the number of samples."""
-    import soundfile as sf
-
     samples = (np.frombuffer(pcm, np.uint8).astype(np.int16) - 128) << 8
     sf.write(os.fspath(path), samples, sample_rate, subtype="PCM_S8", format="FLAC")
     return len(samples)
@@ -240,8 +239,6 @@ def _no_progress(items, total, desc):
 
 
 def _mp3_duration(data: bytes) -> float | None:
-    import soundfile as sf
-
     try:
         info = sf.info(io.BytesIO(data))
         return round(info.frames / info.samplerate, 3)

@@ -22,6 +22,8 @@ import random
 from pathlib import Path
 from typing import Callable, Iterator
 
+from dwjax.errors import UserError
+
 __all__ = ["generate_sentences", "iter_sentences", "make_sentence", "number_to_words", "translated_sentences",
            "sentence_languages"]
 
@@ -418,7 +420,6 @@ def translated_sentences(language: str) -> list[tuple[str, str]]:
     """(sentence, English translation) of every sentence written for `language` (a Whisper code)."""
     table = _translated()
     if language not in table:
-        from dwjax.errors import UserError
         raise UserError(f"no demo sentences for language {language!r}; there are sentences for en and "
                         f"{', '.join(sorted(table))}")
     return list(table[language])

@@ -41,10 +41,12 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from dwjax.data.manifest import write_manifest
 from dwjax.demo.sentences import iter_sentences, translated_sentences
 from dwjax.errors import UserError
+from dwjax.text.languages import resolve_language
 
 __all__ = ["FLITE_VOICES", "ESPEAK_VOICES", "ESPEAK_LANGUAGE_VOICES", "DemoSummary", "make_demo_data", "parse_splits",
            "parse_languages", "check_tools"]
@@ -259,7 +261,6 @@ class DemoSummary:
 def parse_languages(languages: str | tuple[str, ...] | list[str]) -> tuple[str, ...]:
     """'en,de,fr' (or a sequence) -> ("en", "de", "fr"): Whisper codes (names accepted) that have demo voices and
     sentences; UserError naming the ones that do not."""
-    from dwjax.text.languages import resolve_language
     items = [x.strip() for x in languages.split(",")] if isinstance(languages, str) else list(languages)
     out = []
     for item in items:
@@ -341,8 +342,6 @@ def make_demo_data(
     clips: list[Clip] = []
     durations: list[float] = []
     existing = 0
-
-    from tqdm import tqdm
 
     # progress on stderr (tqdm's default stream): audio made so far, clips and the rate in audio-s/s
     bar = tqdm(total=hours, desc="synthesising", unit="h", disable=not progress, dynamic_ncols=True,

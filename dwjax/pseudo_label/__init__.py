@@ -94,12 +94,16 @@ import zlib
 from pathlib import Path
 from typing import Optional, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
+from dwjax.config import Config, MeshConfig
 from dwjax.data.label_store import PART_GLOB, SCHEMA, completed_keys, part_files, read_labels
 from dwjax.data.manifest import Example, read_dataset
 from dwjax.errors import UserError
+from dwjax.mesh import banner, is_main_process, make_mesh
 from dwjax.pseudo_label.options import OPTIONS_FILE, LabelOptions, check_options
 from dwjax.pseudo_label.packed import _TOTALS, _run_packed
 from dwjax.pseudo_label.per_clip import _run_per_clip
@@ -130,9 +134,7 @@ def _sorted_examples(specs: Sequence[str]) -> list[Example]:
 
 
 def _sync(name: str) -> None:
-    import jax
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.sync_global_devices(name)
 
 
@@ -149,11 +151,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     Call `dwjax.mesh.initialize_distributed()` before this in a multi-process run. `cfg` supplies the mesh's
     dcn layout only (the labeller is pure data parallel); `devices` limits the mesh (tests). Returns the summary
     on process 0 and None on the others."""
-    import jax
-
-    from dwjax.config import Config, MeshConfig
-    from dwjax.mesh import banner, is_main_process, make_mesh
-
     if opts.batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if opts.commit_every < 1:
@@ -192,7 +189,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
             stale.unlink(missing_ok=True)
     pending = [e for e in examples if (e.dataset, e.id) not in done]
     if n_proc > 1:
-        from jax.experimental import multihost_utils
         multihost_utils.assert_equal(np.array([len(pending), _fingerprint(pending) & 0x7FFFFFFF], np.int32),
                                      "processes disagree on the examples left to label: every process must see "
                                      "the same manifests and the same output directory (a shared file system)")
@@ -212,7 +208,6 @@ def label_datasets(specs: Sequence[str], opts: LabelOptions, cfg=None, devices=N
     wall = local["wall"]
     totals = np.array([local.get(k, 0) for k in _TOTALS], np.float64)
     if n_proc > 1:
-        from jax.experimental import multihost_utils
         totals = np.asarray(multihost_utils.process_allgather(totals)).reshape(n_proc, -1).sum(axis=0)
     _sync("dwjax-pseudo-label-done")
     if not is_main_process():

@@ -12,11 +12,14 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE
 from dwjax.data.label_store import next_part_index, write_part
 from dwjax.data.manifest import Example
+from dwjax.data.packing import Utterance, members_json, pack, window_audio
 from dwjax.errors import AudioError
+from dwjax.mesh import is_main_process
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _Loaded, _report_failure, _speech_seconds,
                                      is_failure, looped, ran_away, runaway_row)
@@ -50,9 +53,6 @@ def _member_audio(e: Example, cached: Optional[np.ndarray]) -> np.ndarray:
 def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", output: Path, proc: int,
                 n_proc: int, lo: int, hi: int, global_b: int, n_examples: int, n_done: int, n_dev: int) -> dict:
     """--pack: probe every pending clip, pack the good ones into windows, label the windows (package docstring)."""
-    from dwjax.data.packing import Utterance, members_json, pack, window_audio
-    from dwjax.mesh import is_main_process
-
     t0 = time.time()
     n_local = hi - lo
     # 1. read every pending clip (all processes: every one must derive the same windows)
@@ -102,7 +102,6 @@ def _run_packed(pending: list[Example], opts: LabelOptions, teacher: "Teacher", 
     part_index = next_part_index(output, proc, n_proc)
     bar = None
     if is_main_process() and opts.progress and (n_batches or own_rows):
-        from tqdm import tqdm
         bar = tqdm(total=len(windows) + len(own_rows), unit="window", dynamic_ncols=True, file=sys.stderr,
                    desc="pseudo-label --pack")
 

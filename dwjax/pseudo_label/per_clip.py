@@ -10,10 +10,12 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from dwjax.audio import N_SAMPLES
 from dwjax.data.label_store import next_part_index, write_part
 from dwjax.data.manifest import Example
+from dwjax.mesh import is_main_process
 from dwjax.pseudo_label.options import LabelOptions
 from dwjax.pseudo_label.rows import (_base_row, _label_row, _load, _report_failure, _transcript_row, is_failure,
                                      ran_away, runaway_row)
@@ -23,8 +25,6 @@ from dwjax.pseudo_label.teacher import Teacher, _decode_kw, _long_row
 def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher", output: Path, proc: int,
                   n_proc: int, lo: int, hi: int, global_b: int, n_examples: int, n_done: int, n_dev: int) -> dict:
     """Each clip its own 30 s window: this process's rows of every global batch, decoded and written."""
-    from dwjax.mesh import is_main_process
-
     n_local = hi - lo
     n_batches = math.ceil(len(pending) / global_b)
     if is_main_process():
@@ -38,7 +38,6 @@ def _run_per_clip(pending: list[Example], opts: LabelOptions, teacher: "Teacher"
     local_audio_s, local_rows, local_ok, local_failed = 0.0, 0, 0, 0
     bar = None
     if is_main_process() and opts.progress and n_batches:
-        from tqdm import tqdm
         bar = tqdm(total=len(pending), unit="utt", dynamic_ncols=True, file=sys.stderr, desc="pseudo-label")
     t0 = time.time()
 

@@ -15,6 +15,7 @@ import numpy as np
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, SILENCE_PEAK, is_silent, load_audio, load_audio_bytes
 from dwjax.data.manifest import Example
 from dwjax.errors import AudioError, UserError
+from dwjax.text.languages import metric, resolve_language, score
 
 if TYPE_CHECKING:
     from dwjax.pseudo_label.teacher import Teacher
@@ -50,7 +51,6 @@ def row_wer(reference: Optional[str], hypothesis: str, language: Optional[str] =
     reference words."""
     if reference is None:
         return None
-    from dwjax.text.languages import score
     rates = score(_safe_language(_scored_language(language, task)), [reference], [hypothesis])
     return None if rates["n_pairs"] == 0 else float(rates["rate"])
 
@@ -62,7 +62,6 @@ def _scored_language(language: Optional[str], task: Optional[str]) -> Optional[s
 
 def _safe_language(language: Optional[str]) -> Optional[str]:
     """`language` when dwjax.text.languages knows it, else None (scored as English)."""
-    from dwjax.text.languages import resolve_language
     try:
         return resolve_language(language) if language else None
     except UserError:
@@ -70,7 +69,6 @@ def _safe_language(language: Optional[str]) -> Optional[str]:
 
 
 def row_metric(language: Optional[str], task: Optional[str]) -> str:
-    from dwjax.text.languages import metric
     return metric(_safe_language(_scored_language(language, task)))
 
 

@@ -10,6 +10,8 @@ from typing import Any, Optional
 import numpy as np
 
 from dwjax.pseudo_label.rows import NO_SPEECH, RUNAWAY, _safe_language, _scored_language, _speech_seconds, status_kind
+from dwjax.text.languages import normalizer, score
+from dwjax.text.wer import error_rates
 
 THRESHOLDS = (5, 10, 20, 40, 80)          # WER % thresholds reported in the summary
 SUMMARY_FILE = "summary.json"
@@ -24,7 +26,6 @@ def _percentile(sorted_values: list[float], q: float) -> float:
 
 
 def _group_summary(rows: list[dict]) -> dict:
-    from dwjax.text.wer import error_rates
     ok = [r for r in rows if r["status"] == "ok"]
     with_ref = [r for r in ok if r["reference"] is not None]
     scored = sorted(r["wer"] for r in ok if r["wer"] is not None)
@@ -39,7 +40,6 @@ def _group_summary(rows: list[dict]) -> dict:
             key = status_kind(r["status"])
             statuses[key] = statuses.get(key, 0) + 1
     # each pair normalised the way its language is scored (English for translations; dwjax.text.languages)
-    from dwjax.text.languages import normalizer, score
     norms = [normalizer(_safe_language(_scored_language(r.get("language"), r.get("task")))) for r in with_ref]
     corpus = error_rates([n(r["reference"]) for n, r in zip(norms, with_ref)],
                          [n(r["text"]) for n, r in zip(norms, with_ref)], normalize=False) if with_ref else None

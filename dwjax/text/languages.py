@@ -28,6 +28,7 @@ from typing import Callable, Optional, Sequence
 
 from dwjax.errors import ConfigError
 from dwjax.text.normalizer import normalize_basic, normalize_english
+from dwjax.text.wer import char_error_rates, error_rates
 
 __all__ = ["LANGUAGES", "resolve_language", "NO_SPACE_LANGUAGES", "SCRIPTS", "metric", "normalizer", "score",
            "check_language", "script_problem", "language_name"]
@@ -130,7 +131,6 @@ def score(language: Optional[str], references: Sequence[str], hypotheses: Sequen
 
     Returns the parts of `error_rates` / `char_error_rates` plus "metric" ("wer" / "cer"), "rate" (the error
     rate, NaN with no reference unit), "n_ref" (reference words or characters) and "language" (the code)."""
-    from dwjax.text.wer import char_error_rates, error_rates
     code, kind = _code(language), metric(language)
     norm = normalizer(language)
     if kind == "cer":

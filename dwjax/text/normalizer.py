@@ -15,14 +15,15 @@ from __future__ import annotations
 
 from functools import lru_cache
 
+from whisper_normalizer.basic import BasicTextNormalizer
+from whisper_normalizer.english import EnglishTextNormalizer
+
 # rules whisper_normalizer adds to OpenAI's EnglishTextNormalizer
 _EXTRA_RULES = (r"\bkinda\b", r"\bsorta\b", r"\bdunno\b", r"\bcause\b")
 
 
 @lru_cache(maxsize=1)
 def _english():
-    from whisper_normalizer.english import EnglishTextNormalizer
-
     norm = EnglishTextNormalizer()
     for pattern in _EXTRA_RULES:
         norm.replacers.pop(pattern, None)
@@ -31,8 +32,6 @@ def _english():
 
 @lru_cache(maxsize=4)
 def _basic(remove_diacritics: bool, split_letters: bool):
-    from whisper_normalizer.basic import BasicTextNormalizer
-
     return BasicTextNormalizer(remove_diacritics=remove_diacritics, split_letters=split_letters)
 
 

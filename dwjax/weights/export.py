@@ -32,6 +32,7 @@ permission, /sys/...) is a one-line UserError before any weights are converted (
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -40,7 +41,9 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from dwjax.decoding.rules import DecodeSpec
 from dwjax.errors import UserError, WeightsError
 from dwjax.models.configs import WhisperConfig
 from dwjax.weights import ctranslate2, integrity, names
@@ -72,7 +75,6 @@ def resolve_model(name_or_path: str) -> LoadedModel:
 # ------------------------------------------------------------------------------------------------ shared facts
 def _suppress_lists(model: LoadedModel) -> tuple[list[int], list[int]]:
     """(suppress every step, suppress at the first step) as the model decodes them (OpenAI's rule if none given)."""
-    from dwjax.decoding.rules import DecodeSpec
     spec = DecodeSpec.for_model(model.tokenizer, model.generation or {}, model.cfg.vocab_size)
     return list(spec.suppress), list(spec.begin_suppress)
 
@@ -204,7 +206,6 @@ def hf_preprocessor_config(cfg: WhisperConfig) -> dict:
 
 
 def write_hf(model: LoadedModel, directory: Path, dtype: str = "float32", decoder_only: bool = False) -> None:
-    from safetensors.numpy import save_file
     tensors = names.from_dwjax(model.params, model.cfg, "hf", DTYPES[dtype])
     tensors.pop("proj_out.weight", None)   # tied to the token embedding (transformers re-ties it on load)
     if decoder_only:
@@ -296,7 +297,6 @@ def check_writable(output) -> None:
 def needs(fmt: str) -> None:
     """Raise WeightsError (one line) when a package `fmt` needs is missing: tokenizers (hf, ctranslate2; a
     dependency of dwjax) and torch (openai, optional)."""
-    import importlib.util
     if fmt == "openai" and importlib.util.find_spec("torch") is None:
         raise WeightsError("the openai format (.pt) needs PyTorch: pip install torch")
     if fmt in ("hf", "ctranslate2") and importlib.util.find_spec("tokenizers") is None:

