@@ -210,7 +210,7 @@ def run(cfg: Config, *, devices=None) -> dict:
         s_.set_tokenizer(tok)
     length = label_length(sets, cfg.data.max_label_length, prev_context_probability=cfg.data.prev_context_probability)
     accum = cfg.train.grad_accum_steps
-    global_batch = cfg.train.per_device_batch_size * n_dev * accum      # examples per optimizer step
+    global_batch = mesh_lib.global_batch_size(cfg, n_dev) * accum      # examples per optimizer step
 
     steps = make_sharded_train_step(cfg, mesh, student.cfg, teacher.cfg)   # checks the model fits the mesh
     if cfg.train.encoder_cache and not shares_encoder(student.cfg, teacher.cfg):
@@ -247,7 +247,7 @@ def run(cfg: Config, *, devices=None) -> dict:
     teacher_params = steps.shard_teacher(teacher.params)
     if cache is not None:
         fill_encoder_cache(cache, steps, teacher_params, teacher.cfg.n_mels, cfg,
-                           cfg.train.per_device_batch_size * n_dev, cfg.data.num_workers)
+                           mesh_lib.global_batch_size(cfg, n_dev), cfg.data.num_workers)
 
     # where to start (documented order in dwjax/checkpoint/__init__.py)
     os.makedirs(out_dir, exist_ok=True) if mesh_lib.is_main_process() else None
