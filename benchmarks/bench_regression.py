@@ -8,11 +8,13 @@ The base rev (and --new when it is a rev, not a directory) is checked out into a
 --detach`, removed afterwards. Every timed run is a fresh subprocess of this venv's python with PYTHONPATH=<tree>
 (and the working directory outside both trees), so the package under test is the only thing that differs. Runs
 are interleaved, base and new in turn (ABBA over repeats: base-new, new-base, ...), to cancel the machine's drift;
-each side's number is the median of its runs. Workloads (builtin:whisper-tiny.en, greedy, float32; the clips are
+each side's number is the median of its runs, and each repeat's back-to-back pair also gives a ratio, whose median
+is printed beside the ratio of the medians (it cancels drift slower than one pair). Workloads (builtin:whisper-tiny.en, greedy, float32; the clips are
 made once with `dwjax make-demo-data` of the new tree and shared by both sides):
 
   transcribe    --transcribe-clips clips in one batch through `dwjax.decoding.transcribe.Transcriber` (this
-                script's own child code, the same on both sides): after one warm-up call, the best of two calls.
+                script's own child code, the same on both sides): after one warm-up call, the best of
+                --transcribe-calls (5) calls.
   pseudo-label  `dwjax pseudo-label` on --clips clips (--batch-size 8): its summary.json `run.wall_s`, the
                 labelling loop alone (teacher loading and process start-up excluded; reading the audio included).
                 Each side labels the clips once untimed first, which fills its persistent XLA compilation cache
@@ -162,8 +164,9 @@ def make_clips(side: Side, work: Path, n: int) -> tuple[Path, list[dict]]:
     return manifest, rows
 
 
-def transcribe_child(manifest: Path, clips: int, out: Path) -> None:
-    """Child mode (run with PYTHONPATH=<tree>): `clips` clips in one batch through the tree's Transcriber."""
+def transcribe_child(manifest: Path, clips: int, calls: int, out: Path) -> None:
+    """Child mode (run with PYTHONPATH=<tree>): `clips` clips in one batch through the tree's Transcriber, timed
+    `calls` times after a warm-up; the best call is the run's number."""
     import dwjax
     import soundfile as sf
     from dwjax.decoding.transcribe import Transcriber
@@ -178,7 +181,7 @@ def transcribe_child(manifest: Path, clips: int, out: Path) -> None:
     tr = Transcriber(MODEL, batch_size=clips)
     texts = [t.text for t in tr.transcribe(audio)]                 # warm-up: compiles
     times = []
-    for _ in range(2):
+    for _ in range(calls):
         t0 = time.perf_counter()
         texts = [t.text for t in tr.transcribe(audio)]
         times.append(time.perf_counter() - t0)
@@ -189,7 +192,8 @@ def transcribe_child(manifest: Path, clips: int, out: Path) -> None:
 def run_transcribe(side: Side, manifest: Path, args) -> dict:
     out = side.work / f"transcribe-{side.runs + 1:02d}.json"
     side.run("transcribe", [str(Path(__file__).resolve()), "--child-transcribe", str(manifest), str(out),
-                            "--transcribe-clips", str(args.transcribe_clips)])
+                            "--transcribe-clips", str(args.transcribe_clips),
+                            "--transcribe-calls", str(args.transcribe_calls)])
     r = json.loads(out.read_text())
     if not r["package"].startswith(str(side.tree)):
         raise fail(f"the transcribe child of {side.name} imported {r['package']}, not {side.tree}")
@@ -270,7 +274,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="timed runs per workload and side")
     p.add_argument("--clips", type=int, default=16, help="clips pseudo-labelled")
     p.add_argument("--transcribe-clips", type=int, default=8, help="clips in the transcribe batch")
-    p.add_argument("--train-steps", type=int, default=8, help="steps per distill run (the first two untimed)")
+    p.add_argument("--transcribe-calls", type=int, default=5, help="timed calls per transcribe run (best counts)")
+    p.add_argument("--train-steps", type=int, default=12, help="steps per distill run (the first two untimed)")
     p.add_argument("--train-batch", type=int, default=4, help="train.per_device_batch_size")
     p.add_argument("--tolerance", type=float, default=0.05, help="new/base above 1 + this is labelled SLOWER")
     p.add_argument("--json", type=Path, default=None, help="default: benchmarks/results/regression-BASE-vs-NEW.json")
@@ -278,8 +283,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.base is None and not args.child_transcribe:
         p.error("--base is required")
-    if args.repeats < 1 or args.train_steps < 3 or args.transcribe_clips < 1:
-        p.error("--repeats >= 1, --train-steps >= 3 and --transcribe-clips >= 1")
+    if args.repeats < 1 or args.train_steps < 3 or args.transcribe_clips < 1 or args.transcribe_calls < 1:
+        p.error("--repeats >= 1, --train-steps >= 3, --transcribe-clips >= 1 and --transcribe-calls >= 1")
     if args.transcribe_clips > args.clips and not args.child_transcribe:
         p.error("--transcribe-clips must be <= --clips (they are the first clips of the set)")
     return args
@@ -288,7 +293,8 @@ def parse_args(argv=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.child_transcribe:
-        transcribe_child(args.child_transcribe[0], args.transcribe_clips, args.child_transcribe[1])
+        transcribe_child(args.child_transcribe[0], args.transcribe_clips, args.transcribe_calls,
+                         args.child_transcribe[1])
         return 0
     resolve_commit(args.base)                              # a wrong rev fails before any work
     if args.new is not None and not os.path.isdir(args.new):
@@ -346,8 +352,10 @@ def summarise(runs: dict, args) -> dict:
         med = {s: statistics.median(r["seconds"] for r in rs) for s, rs in by_side.items()}
         same = all(r["same"] == by_side["base"][0]["same"] for rs in by_side.values() for r in rs)
         ratio = med["new"] / med["base"]
+        pairs = [n["seconds"] / b["seconds"] for b, n in zip(by_side["base"], by_side["new"])]
         verdict = "ok" if abs(ratio - 1) <= args.tolerance else ("SLOWER" if ratio > 1 else "faster")
-        out[w] = {"base_s": med["base"], "new_s": med["new"], "ratio": ratio, "verdict": verdict, "same_work": same,
+        out[w] = {"base_s": med["base"], "new_s": med["new"], "ratio": ratio,
+                  "pair_ratios": pairs, "pair_ratio_median": statistics.median(pairs), "verdict": verdict, "same_work": same,
                   "runs": {s: [{k: v for k, v in r.items() if k != "same"} for r in rs] for s, rs in by_side.items()}}
     return out
 
@@ -365,7 +373,7 @@ def report(runs: dict, base: Side, new: Side, args, wall: float, load: tuple[flo
          f"interleaved base/new (ABBA), median per side; {os.cpu_count()} CPUs, load average {load[0]:.2f} before, "
          f"{load[1]:.2f} after (other work on the machine makes the ratios noisy); {wall / 60:.1f} min in all")
     echo(f"transcribe:   {args.transcribe_clips} clips ({tr['audio_s']:.1f} audio-s), one Transcriber batch, greedy; "
-         f"best of 2 calls after a warm-up")
+         f"best of {args.transcribe_calls} calls after a warm-up")
     echo(f"pseudo-label: {args.clips} clips ({pl['audio_s']:.1f} audio-s), `dwjax pseudo-label --batch-size 8`; "
          f"{pl['timed']}, compile cache warm")
     echo(f"train step:   `dwjax distill`, batch {args.train_batch} x {train['label_length']} label positions, "
@@ -374,10 +382,12 @@ def report(runs: dict, base: Side, new: Side, args, wall: float, load: tuple[flo
          f"{lim['audio_s_per_s']:.2f} audio-s/s ({lim['encoder_flops'] / 1e9:.1f} GFLOP per 30 s window, "
          f"{tr['audio_s'] / args.transcribe_clips:.1f} s clips); train step >= {lim['train_step_s']:.3f} s "
          f"({lim['train_step_flops'] / 1e9:.0f} GFLOP/step)\n")
-    echo("| workload | base s | new s | new/base | base rate | new rate | same work | verdict |")
-    echo("|---|---|---|---|---|---|---|---|")
+    echo("| workload | base s | new s | new/base | median of paired new/base | base rate | new rate | same work "
+         "| verdict |")
+    echo("|---|---|---|---|---|---|---|---|---|")
     for w, r in rows.items():
-        echo(f"| {w} | {r['base_s']:.3f} | {r['new_s']:.3f} | {r['ratio']:.3f} | {rate[w](r['base_s'])} | "
+        echo(f"| {w} | {r['base_s']:.3f} | {r['new_s']:.3f} | {r['ratio']:.3f} | {r['pair_ratio_median']:.3f} "
+             f"| {rate[w](r['base_s'])} | "
              f"{rate[w](r['new_s'])} | {'yes' if r['same_work'] else 'NO'} | {r['verdict']} |")
     echo(f"verdict: new/base within 1 +- {args.tolerance:.0%} is ok; per-run times are in the JSON")
     path = args.json or REPO / "benchmarks" / "results" / f"regression-{base.label}-vs-{new.label}.json"

@@ -39,6 +39,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import sacrebleu
 
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.data.manifest import parse_spec, read_dataset
@@ -201,10 +202,6 @@ def detect_languages(transcriber, audios) -> list[Optional[str]]:
 
 def _bleu(refs: Sequence[str], hyps: Sequence[str]) -> float:
     """sacrebleu's corpus BLEU (0-100, its default 13a tokenisation) of the raw texts."""
-    try:
-        import sacrebleu
-    except ImportError:
-        raise UserError("BLEU for translate sets needs sacrebleu: pip install sacrebleu") from None
     return float(sacrebleu.corpus_bleu(list(hyps), [list(refs)]).score)
 
 

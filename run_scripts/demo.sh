@@ -41,6 +41,9 @@ environment:
   REAL_EVAL   space-separated NAME=MANIFEST sets of real speech with references to score on (default: where
               ../shared/data/real exists beside the repository, all of dctts and a 10 % split of kathleen, neither
               trained on; otherwise none)
+  REAL_TRAIN  space-separated NAME=MANIFEST sets of real speech with references to train on as well (labelled,
+              WER-filtered per packed window; default: where ../shared/data/real exists, the other 90 % of
+              kathleen; otherwise none; REAL_TRAIN= turns it off)
   EVAL_SAMPLES at most this many clips of each evaluation set (default 100)
   DWJAX_VENV  the virtualenv to make or use (default: .venv in the repository root)
 USAGE
@@ -89,8 +92,10 @@ if [ -z "${REAL_EVAL+set}" ] && [ -f "$shared/real/manifest.tsv" ]; then
 for folder, held in (("dctts", 100), ("kathleen", 10)): p.split_real(Path(sys.argv[2]), folder, Path(sys.argv[3]), held)' \
     "$here/../benchmarks" "$shared" "$out/real"
   REAL_EVAL="dctts=$out/real/dctts-heldout.jsonl kathleen=$out/real/kathleen-heldout.jsonl"
+  if [ -z "${REAL_TRAIN+set}" ]; then REAL_TRAIN="kathleen=$out/real/kathleen-train.jsonl"; fi
 fi
 read -r -a real_eval <<< "${REAL_EVAL:-}"
+read -r -a real_train <<< "${REAL_TRAIN:-}"
 # exit 1 from a stage over many inputs means "some inputs failed, each named above, the rest done": go on
 tolerate_some_failed() {
   local rc=$?
@@ -104,7 +109,7 @@ if [ ! -f "$out/games/train.jsonl" ]; then
 fi
 dwjax make-demo-data --output "$out/data" --hours "$hours"
 dwjax pseudo-label --pack --pack-short "$pack_short" --teacher "$teacher" --data "games=$out/games/train.jsonl" \
-  "synthetic=$out/data/train.jsonl" --output "$out/labels" || tolerate_some_failed "$out/labels/summary.json"
+  "synthetic=$out/data/train.jsonl" "${real_train[@]}" --output "$out/labels" || tolerate_some_failed "$out/labels/summary.json"
 if [ ! -f "$out/student-init/dwjax_config.json" ]; then
   dwjax init-student --teacher "$teacher" --decoder-layers "$decoder_layers" --output "$out/student-init"
 fi

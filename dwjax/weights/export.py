@@ -42,6 +42,7 @@ from typing import Callable, Optional
 
 import numpy as np
 from safetensors.numpy import save_file
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
 from dwjax.decoding.rules import DecodeSpec
 from dwjax.errors import UserError, WeightsError
@@ -106,11 +107,7 @@ def _write_json(path: Path, obj) -> None:
 
 def write_tokenizer_json(tokenizer, directory) -> Path:
     """A `tokenizers` tokenizer.json (byte-level BPE, the special and timestamp tokens added) for faster-whisper
-    and transformers' fast tokenizer. Needs the `tokenizers` package."""
-    try:
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
-    except ImportError:
-        raise WeightsError("writing tokenizer.json needs the tokenizers package: pip install tokenizers") from None
+    and transformers' fast tokenizer."""
     eot = tokenizer.eot
     vocab = {tokenizer.id_to_token(i): i for i in range(eot)}
     bpe = models.BPE(vocab=vocab, merges=bpe_merges(tokenizer))
