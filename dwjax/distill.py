@@ -402,12 +402,14 @@ def fill_encoder_cache(cache, steps, teacher_params, n_mels: int, cfg: Config, g
         return out
 
     with futures.ThreadPoolExecutor(max(1, workers)) as pool:
-        def compute(rows):
-            audio = np.stack(list(pool.map(load, rows)))
+        def load_batch(rows):              # runs in the cache's read-ahead thread while the last batch encodes
+            return np.stack(list(pool.map(load, rows)))
+
+        def compute(audio):
             enc = steps.encode(teacher_params, features(audio), dtype)
             return _local_rows(enc).astype(numpy_dtype(cfg.train.encoder_cache_dtype))
         return cache.fill(compute, global_batch, jax.process_index(), jax.process_count(), log=_log,
-                          progress=mesh_lib.is_main_process())
+                          progress=mesh_lib.is_main_process(), load=load_batch)
 
 
 def _local_rows(x) -> np.ndarray:

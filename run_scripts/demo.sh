@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The main job on the embedded default: distil the bundled teacher on real acted speech (two freeware games'
-# voice casts, from Debian) plus synthesised speech, packed into <= 24 s windows, end to end (and kathleen's train split where ../shared is present).
+# voice casts, from Debian) plus synthesised speech (and kathleen's train split where ../shared/data is present),
+# packed into <= 24 s windows, end to end.
 #   bash run_scripts/demo.sh                 # set up (apt + a virtualenv) and run everything under runs/demo
 #   bash run_scripts/demo.sh --no-setup      # skip the installs
 # Stages: get-game-speech + make-demo-data -> pseudo-label --pack -> init-student -> distill (encoder cache)
@@ -121,6 +122,7 @@ dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   optim.total_steps="$steps" optim.warmup_steps=$((steps / 10)) optim.learning_rate=3e-4 \
   train.per_device_batch_size="$batch" train.log_every=10 eval.every=0 checkpoint.save_every=100 \
   train.encoder_cache="$out/encoder-cache" data.timestamp_probability=0.5 data.prev_context_probability=0.2 \
+  data.label_bucket=32 \
   "optim.frozen=[embed_tokens, embed_positions]"
 
 sets=("synthetic=$out/data/test.jsonl" "${real_eval[@]}")

@@ -28,6 +28,7 @@ costs what the first epoch's encoder would.
 """
 from __future__ import annotations
 
+import concurrent.futures as futures
 import hashlib
 import json
 import os
@@ -131,12 +132,14 @@ class EncoderCache:
             self.filled[self.index[d][i]] = 1
         self.filled.flush()
 
-    def fill(self, compute: Callable[[list[tuple[int, int]]], np.ndarray], global_batch: int,
-             process_index: int = 0, process_count: int = 1, log: Callable[[str], None] = print,
-             progress: bool = True) -> int:
+    def fill(self, compute: Callable, global_batch: int, process_index: int = 0, process_count: int = 1,
+             log: Callable[[str], None] = print, progress: bool = True,
+             load: Optional[Callable[[list[tuple[int, int]]], object]] = None) -> int:
         """Computes every missing row: global batches of `global_batch` rows (the last one padded by repeating its
         first row), this process's slice of each through `compute(rows) -> (local rows, ctx, d)` (a collective on
-        the mesh: every process calls it for every batch), written here. Returns the number of rows computed."""
+        the mesh: every process calls it for every batch), written here. With `load`, `compute` takes
+        `load(rows)` instead of the rows, and the next batch's `load` runs in a thread while this one computes
+        (reading audio overlaps the encoder). Returns the number of rows computed."""
         todo = self.todo
         total_rows = len(self.meta["rows"])
         size = total_rows * self.row_bytes
@@ -147,20 +150,30 @@ class EncoderCache:
             return 0
         local = global_batch // process_count
         lo = process_index * local
-        bar = None
-        if progress and process_index == 0:
-            bar = tqdm(total=len(todo), desc="encoder cache", unit="row", file=sys.stderr, dynamic_ncols=True)
+        batches = []                                   # (this process's rows, real rows in the global batch)
         for start in range(0, len(todo), global_batch):
             chunk = todo[start: start + global_batch]
             real = len(chunk)
             chunk = chunk + [chunk[0]] * (global_batch - real)
-            mine = chunk[lo: lo + local]
-            values = compute(mine)
-            keep = [(r, v) for j, (r, v) in enumerate(zip(mine, values)) if lo + j < real]
-            if keep:
-                self.write([r for r, _ in keep], np.stack([v for _, v in keep]))
-            if bar is not None:
-                bar.update(real)
+            batches.append((chunk[lo: lo + local], real))
+        bar = None
+        if progress and process_index == 0:
+            bar = tqdm(total=len(todo), desc="encoder cache", unit="row", file=sys.stderr, dynamic_ncols=True)
+        with futures.ThreadPoolExecutor(1) as ahead:
+            pending = ahead.submit(load, batches[0][0]) if load is not None else None
+            for k, (mine, real) in enumerate(batches):
+                if pending is None:
+                    values = compute(mine)
+                else:
+                    inputs = pending.result()
+                    if k + 1 < len(batches):
+                        pending = ahead.submit(load, batches[k + 1][0])
+                    values = compute(inputs)
+                keep = [(r, v) for j, (r, v) in enumerate(zip(mine, values)) if lo + j < real]
+                if keep:
+                    self.write([r for r, _ in keep], np.stack([v for _, v in keep]))
+                if bar is not None:
+                    bar.update(real)
         if bar is not None:
             bar.close()
         self.todo = []

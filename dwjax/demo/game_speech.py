@@ -29,7 +29,9 @@ Speakers (the `speaker` field of the manifest, which packing never mixes in one 
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
+import multiprocessing
 import os
 import re
 import struct
@@ -272,6 +274,19 @@ def extract_fotaq(queen1c: str | os.PathLike, output: str | os.PathLike, source:
     return rows, failures
 
 
+def _bass_file(job: tuple[int, bytes, str]) -> tuple[int, int, str | None]:
+    """(number, samples written, None) for one stored speech file unpacked and written as FLAC, or (number, 0,
+    why) when it is damaged or empty (nothing written)."""
+    number, raw, path = job
+    try:
+        pcm = sky_speech_pcm(raw)
+    except ValueError as e:
+        return number, 0, str(e)
+    if not pcm:
+        return number, 0, "empty"
+    return number, write_pcm_u8_flac(path, pcm), None
+
+
 def extract_bass(dnr: str | os.PathLike, dsk: str | os.PathLike, output: str | os.PathLike, source: str = "",
                  progress: Progress = _no_progress) -> tuple[list[ClipRow], list[str]]:
     """Write sky.dsk's speech files 50000-59999 to OUTPUT/bass/NUMBER.flac. Returns (rows, failures)."""
@@ -283,16 +298,16 @@ def extract_bass(dnr: str | os.PathLike, dsk: str | os.PathLike, output: str | o
         numbers = disk.speech_numbers()
         if not numbers:
             raise UserError(f"{dnr}: no speech files (numbers {SKY_SPEECH_FIRST}-{SKY_SPEECH_LAST}) in the index")
-        for number in progress(numbers, len(numbers), "bass"):
-            try:
-                pcm = sky_speech_pcm(disk.read(number))
-            except ValueError as e:
-                failures.append(f"bass {number}: {e}")
-                continue
-            if not pcm:
-                failures.append(f"bass {number}: empty")
-                continue
-            frames = write_pcm_u8_flac(out / f"{number}.flac", pcm)
-            rows.append(ClipRow(f"bass_{number}", f"bass/{number}.flac", round(frames / SAMPLE_RATE, 3),
-                                SAMPLE_RATE, f"bass:section-{bass_section(number)}", source))
+        jobs = ((number, disk.read(number), os.fspath(out / f"{number}.flac")) for number in numbers)
+        workers = max(1, min(os.cpu_count() or 1, 8))
+        # RNC unpacking is pure Python: the files are unpacked and written by one process per core (spawned, not
+        # forked: the parent may hold threads), in order
+        with concurrent.futures.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            done = pool.map(_bass_file, jobs, chunksize=32)
+            for number, frames, error in progress(done, len(numbers), "bass"):
+                if error:
+                    failures.append(f"bass {number}: {error}")
+                    continue
+                rows.append(ClipRow(f"bass_{number}", f"bass/{number}.flac", round(frames / SAMPLE_RATE, 3),
+                                    SAMPLE_RATE, f"bass:section-{bass_section(number)}", source))
     return rows, failures
