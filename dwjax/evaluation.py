@@ -440,10 +440,12 @@ def evaluate(model: str, data: Sequence[str], assistant: Optional[str] = None, o
         s["failed"], s["failures"] = len(bad), bad
         sets.append(s)
     cfg = tr.cfg
+    made_as = (getattr(getattr(tr, "loaded", None), "metadata", None) or {}).get("kind")   # init-student: "student"
     return {"model": model, "assistant": assistant,
             "label": model.split("/")[-1].replace("builtin:", "") + (f" + {assistant.split('/')[-1]}" if assistant
                                                                        else ""),
-            "kind": "teacher+assistant" if assistant else ("student" if cfg.decoder_layers <= 2 else "teacher"),
+            "kind": "teacher+assistant" if assistant else (made_as or ("student" if cfg.decoder_layers <= 2
+                                                                       else "teacher")),
             "decoder_layers": cfg.decoder_layers, "encoder_layers": cfg.encoder_layers, "dtype": dtype,
             "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(opts).items()},
             "sets": sets, "macro": macro(sets), "n_failed": len(failures), "failures": failures}

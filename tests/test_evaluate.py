@@ -144,3 +144,17 @@ def test_cli_tiny_en_real_clips(tmp_path, capsys):
     assert res["sets"][0]["noise"]["snr"]["0.0"]["wer"] >= res["sets"][0]["noise"]["snr"]["10.0"]["wer"] - 0.05
     assert dwjax_main(["report", str(out), "--output", str(tmp_path / "rep")]) == 0
     assert "WER" in capsys.readouterr().out
+
+
+def test_kind_from_the_models_metadata(dataset):
+    """A student made by `init-student` (metadata kind "student") is reported as a student whatever its depth (a 4-3
+    student was labelled "teacher" by the decoder_layers <= 2 rule); without metadata the depth decides."""
+    def kind(decoder_layers, metadata):
+        tr = ScaledFake()
+        tr.cfg = SimpleNamespace(decoder_layers=decoder_layers, encoder_layers=4)
+        tr.loaded = SimpleNamespace(metadata=metadata)
+        return evaluate("m", [f"demo={dataset}"], opts=EvalOptions(batch_size=4), transcriber=tr,
+                        log=lambda *_: None)["kind"]
+    assert kind(3, {"kind": "student"}) == "student"
+    assert kind(3, {}) == "teacher"
+    assert kind(2, {}) == "student"
