@@ -9,8 +9,9 @@ The base rev (and --new when it is a rev, not a directory) is checked out into a
 (and the working directory outside both trees), so the package under test is the only thing that differs. Runs
 are interleaved, base and new in turn (ABBA over repeats: base-new, new-base, ...), to cancel the machine's drift;
 each side's number is the median of its runs, and each repeat's back-to-back pair also gives a ratio, whose median
-is printed beside the ratio of the medians (it cancels drift slower than one pair). Workloads (builtin:whisper-tiny.en, greedy, float32; the clips are
-made once with `dwjax make-demo-data` of the new tree and shared by both sides):
+is printed beside the ratio of the medians (it cancels drift slower than one pair). Workloads
+(builtin:whisper-tiny.en, greedy, float32; the clips are made once with `dwjax make-demo-data` of the new tree and
+shared by both sides):
 
   transcribe    --transcribe-clips clips in one batch through `dwjax.decoding.transcribe.Transcriber` (this
                 script's own child code, the same on both sides): after one warm-up call, the best of
