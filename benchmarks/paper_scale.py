@@ -307,7 +307,8 @@ def main() -> None:
 
 def write_table(path: Path, title: str, results: dict, longform: dict, points: list[dict]) -> None:
     """The paper-style table: per held-out set corpus WER / median utterance WER / repeated 5-grams, params,
-    relative latency (real-time factor against the teacher's), long-form sequential and chunked WER (dctts, kathleen)."""
+    relative latency (real-time factor against the teacher's), long-form sequential and chunked WER (dctts and
+    kathleen)."""
     names = ["dctts", "kathleen-heldout", "games-heldout", "synthetic-test"]
     rtf0 = json.loads(results["teacher"].read_text())["macro"]["rtf"]
     lines = [f"# {title}", "", "Each set: corpus WER / median utterance WER / repeated 5-grams (runaway outputs). "
