@@ -47,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--cache-dtype", default="float16", choices=("float16", "bfloat16"))
     p.add_argument("--bucket", type=int, default=64)
     p.add_argument("--peak-gflops", type=float, default=140.0)
+    p.add_argument("--frozen", default="embed_tokens,embed_positions",
+                   help="optim.frozen of both modes (default: the main job's recipe; '' trains the embeddings too)")
     return p.parse_args(argv)
 
 
@@ -85,7 +87,7 @@ def make_sets(clips, tok):
 
 
 def run_mode(name, sets, steps_lib, cfg, teacher, student, tok, args, cache=None, bucket=0,
-             p_ts=0.0, p_prev=0.0):
+             p_ts=0.0, p_prev=0.0, all_logits=False):
     from dwjax.data.loader import LabelEncoder, TrainBatches, label_length
     from dwjax.distill import Features
     from dwjax.flops import train_step_flops
@@ -99,24 +101,30 @@ def run_mode(name, sets, steps_lib, cfg, teacher, student, tok, args, cache=None
     step = 0
     try:
         for step, local in batches.prefetch(0):
+            if all_logits:                         # logits at every position, not only the targets
+                local.pop("target_positions", None)
             batch = steps_lib.put_batch(
                 dict(local, input_features=features(local["audio"])) if "audio" in local else local)
             n_pos = local["labels"].shape[1]
+            n_targets = local["target_positions"].shape[1] if "target_positions" in local else n_pos
             t0 = time.perf_counter()
             state, m = steps_lib.train_step(state, tparams, batch)
             jax.block_until_ready(m["loss"])
             dt = time.perf_counter() - t0
-            if n_pos not in compiled:             # a compiling step: not timed
-                compiled.add(n_pos)
-                print(f"  {name}: step {step} compiled for {n_pos} label positions ({dt:.1f} s)", flush=True)
+            if (n_pos, n_targets) not in compiled:       # a compiling step: not timed
+                compiled.add((n_pos, n_targets))
+                print(f"  {name}: step {step} compiled for {n_pos} label positions, logits at {n_targets} "
+                      f"({dt:.1f} s)", flush=True)
                 if len(timed) + len(compiled) > args.steps + 8:
                     break
                 continue
             timed.append(dt)
-            lengths.append(n_pos)
+            lengths.append(n_pos if n_targets == n_pos else f"{n_pos}/{n_targets}")
             speech += local["audio_seconds"]
-            flops += train_step_flops(teacher.cfg, student.cfg, args.batch, n_pos, with_encoder=cache is None)[1]
-            print(f"  {name}: step {step} {dt:.2f} s, {n_pos} positions, {local['audio_seconds']:.1f} speech-s, "
+            flops += train_step_flops(teacher.cfg, student.cfg, args.batch, n_pos, with_encoder=cache is None,
+                                      frozen=cfg.optim.frozen, targets=n_targets)[1]
+            print(f"  {name}: step {step} {dt:.2f} s, {n_pos} positions (logits at {n_targets}), "
+                  f"{local['audio_seconds']:.1f} speech-s, "
                   f"loss {float(m['loss']):.3f}", flush=True)
             if len(timed) >= args.steps:
                 break
@@ -125,12 +133,12 @@ def run_mode(name, sets, steps_lib, cfg, teacher, student, tok, args, cache=None
     wall = sum(timed)
     return {"mode": name, "step_s": wall / len(timed), "speech_s_per_step": speech / len(timed),
             "speech_s_per_s": speech / wall, "mfu": flops / wall / (args.peak_gflops * 1e9),
-            "compiles": len(compiled), "lengths": sorted(set(lengths))}
+            "compiles": len(compiled), "lengths": sorted(set(map(str, lengths)))}
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from dwjax.config import Config, MeshConfig, TrainConfig
+    from dwjax.config import Config, MeshConfig, OptimConfig, TrainConfig
     from dwjax.data.encoder_cache import open_cache, teacher_fingerprint
     from dwjax.distill import fill_encoder_cache
     from dwjax.mesh import make_mesh
@@ -148,7 +156,9 @@ def main(argv=None):
     print(f"{len(clips)} kathleen clips, {speech_total:.0f} s of speech; {len(packed)} packed windows "
           f"({len(clips) / len(packed):.1f} clips per window); base 6-2, batch {args.batch}, 1 device "
           f"({jax.devices()[0].device_kind}), fp32", flush=True)
-    cfg = Config(mesh=MeshConfig(data=1), train=TrainConfig(per_device_batch_size=args.batch))
+    frozen = tuple(x for x in args.frozen.split(",") if x)
+    cfg = Config(mesh=MeshConfig(data=1), train=TrainConfig(per_device_batch_size=args.batch),
+                 optim=OptimConfig(frozen=list(frozen)))
     mesh = make_mesh(cfg.mesh, jax.devices()[:1])
     steps_lib = make_sharded_train_step(cfg, mesh, s_cfg, teacher.cfg)
 
@@ -167,8 +177,11 @@ def main(argv=None):
         fill_encoder_cache(cache, steps_lib, tparams, teacher.cfg.n_mels, cfg_c, args.batch, 2)
         fill_s = time.perf_counter() - t0
         del tparams
-        r = run_mode("packed+cache+bucket", [packed], steps_lib, cfg, teacher, student, tok, args, cache=cache,
-                     bucket=args.bucket, p_ts=0.5, p_prev=0.5)
+        packed_kw = dict(cache=cache, bucket=args.bucket, p_ts=0.5, p_prev=0.5)
+        results.append(run_mode("packed+cache+bucket, logits everywhere", [packed], steps_lib, cfg, teacher,
+                                student, tok, args, all_logits=True, **packed_kw))
+        r = run_mode("packed+cache+bucket+target logits", [packed], steps_lib, cfg, teacher, student, tok, args,
+                     **packed_kw)
     packed_speech = sum(packed.speech_s)
     epoch_steps = len(packed) / args.batch
     amortised = fill_s / args.epochs
@@ -185,6 +198,7 @@ def main(argv=None):
         print(f"| {r['mode']} | {r['step_s']:.2f} | {r['speech_s_per_step']:.1f} | {r['speech_s_per_s']:.1f} | "
               f"{r['speech_s_per_s'] / base:.1f}x | {r['mfu']:.0%} | {','.join(map(str, r['lengths']))} | "
               f"{r['compiles']} |")
+    print(f"optim.frozen: {', '.join(frozen) or 'none'} (both modes)")
     print(f"\ncache fill: {len(packed)} windows in {fill_s:.1f} s ({fill_s / len(packed):.2f} s per window); "
           f"amortised over {args.epochs:g} epochs the packed rate is {r['speech_s_per_s_amortised']:.1f} speech-s/s "
           f"({r['speech_s_per_s_amortised'] / base:.1f}x per-clip)")

@@ -145,7 +145,8 @@ class _TrainLog:
         if n_pos not in self.lengths:
             self.lengths.add(n_pos)
             self.summary["label_lengths"] = sorted(self.lengths)
-        self.flops += self.flops_of(n_pos)
+        targets = info.local.get("target_positions")
+        self.flops += self.flops_of(n_pos, None if targets is None else int(targets.shape[1]))
         self.speech += float(info.local["audio_seconds"]) * self.n_proc
         self.n_steps += 1
         if not (info.step % self.cfg.train.log_every == 0 or info.final or info.step == self.start_step + 1):
@@ -291,10 +292,11 @@ def run(cfg: Config, *, devices=None) -> dict:
     batch_log = open(os.path.join(log_dir, batch_log_name(jax.process_index())), "a", buffering=1)
     restore_signals = ckpt_lib.install_preemption_handler()
     total = cfg.optim.total_steps
-    def flops_of(n_positions: int) -> float:
-        """Analytic FLOPs of a step whose labels are padded to n_positions (no encoder with the cache)."""
+    def flops_of(n_positions: int, n_targets: int | None) -> float:
+        """Analytic FLOPs of a step whose labels are padded to n_positions, logits at n_targets of them (no
+        encoder with the cache)."""
         return train_step_flops(teacher.cfg, student.cfg, global_batch, n_positions, with_encoder=cache is None,
-                                frozen=tuple(cfg.optim.frozen))[1]
+                                frozen=tuple(cfg.optim.frozen), targets=n_targets)[1]
     peak = peak_flops(devices)
 
     eval_sets = load_eval_sets(cfg.data.eval, cfg.eval.max_samples)     # read once for the whole run
@@ -321,7 +323,7 @@ def run(cfg: Config, *, devices=None) -> dict:
 
     def to_device(local: dict) -> dict:
         batch = {k: jax.make_array_from_process_local_data(steps.batch_sharding, np.asarray(local[k]))
-                 for k in ("decoder_input_ids", "labels", "loss_mask")}
+                 for k in ("decoder_input_ids", "labels", "loss_mask", "target_positions") if k in local}
         if "encoder_out" in local:
             batch["encoder_out"] = jax.make_array_from_process_local_data(steps.batch_sharding, local["encoder_out"])
         else:

@@ -34,11 +34,15 @@ def decoder_flops_per_token(cfg, with_backward: bool, frozen_embedding: bool = F
     MLP, vocabulary projection. Attention scores and the cross keys/values of the encoder output are per
     sequence: `decoder_attention_flops`. `frozen_embedding` (optim.frozen holds embed_tokens): the vocabulary
     projection's backward has no weight gradient, so it costs 2x its forward, not 3x."""
-    d, f, L, V = cfg.d_model, cfg.ffn_dim, cfg.decoder_layers, cfg.vocab_size
+    d, f, L = cfg.d_model, cfg.ffn_dim, cfg.decoder_layers
     per_layer = 2 * (4 * d * d + 2 * d * d + 2 * d * f)
-    if not with_backward:
-        return L * per_layer + 2 * d * V
-    return 3 * L * per_layer + (2 if frozen_embedding else 3) * 2 * d * V
+    return (3 if with_backward else 1) * L * per_layer + vocab_flops_per_token(cfg, with_backward, frozen_embedding)
+
+
+def vocab_flops_per_token(cfg, with_backward: bool, frozen_embedding: bool = False) -> float:
+    """The vocabulary projection's share of `decoder_flops_per_token`."""
+    passes = 1 if not with_backward else (2 if frozen_embedding else 3)
+    return passes * 2 * cfg.d_model * cfg.vocab_size
 
 
 def decoder_attention_flops(cfg, length: int, passes_scores: int, passes_kv: int) -> float:
@@ -59,13 +63,17 @@ def encoder_flops(cfg) -> float:
 
 
 def train_step_flops(teacher, student, examples: int, length: int, with_encoder: bool = True,
-                     frozen: tuple[str, ...] = ()) -> tuple[float, float]:
+                     frozen: tuple[str, ...] = (), targets: int | None = None) -> tuple[float, float]:
     """(base, full) FLOPs of a distillation step over `examples` sequences of `length` label positions: base =
     per-token decoder work (student with backward, teacher forward) + the teacher encoder (`with_encoder`; False
     when its output comes from the encoder cache); full adds a student encoder of its own, attention scores and
-    the cross keys/values. `frozen`: optim.frozen (a frozen embed_tokens has no weight gradient)."""
-    student_per_token = decoder_flops_per_token(student, True, frozen_embedding="embed_tokens" in frozen)
-    base = examples * (length * (student_per_token + decoder_flops_per_token(teacher, False))
+    the cross keys/values. `frozen`: optim.frozen (a frozen embed_tokens has no weight gradient). `targets`: the
+    positions the logits are computed at (the batch's target_positions width; default all `length`)."""
+    frozen_embedding = "embed_tokens" in frozen
+    student_per_token = decoder_flops_per_token(student, True, frozen_embedding)
+    skipped = (length - (length if targets is None else targets)) * (
+        vocab_flops_per_token(student, True, frozen_embedding) + vocab_flops_per_token(teacher, False))
+    base = examples * (length * (student_per_token + decoder_flops_per_token(teacher, False)) - skipped
                        + (encoder_flops(teacher) if with_encoder else 0.0))
     own_encoder = 0.0 if shares_encoder(student, teacher) else examples * encoder_flops(student)
     full = base + own_encoder + examples * (decoder_attention_flops(teacher, length, 1, 1)

@@ -48,6 +48,23 @@ from dwjax.models.whisper import Whisper, abstract_params, encode_batch
 BATCH_KEYS = ("input_features", "decoder_input_ids", "labels", "loss_mask")
 #: the batch with a cached teacher encoder output (n_audio_ctx, d_model) per row instead of the features
 CACHED_BATCH_KEYS = ("encoder_out", "decoder_input_ids", "labels", "loss_mask")
+#: optional, either layout: (b, k) int32, the positions whose logits the losses need (`TrainBatches` with
+#: length padding: every unmasked position of the row, then repeats of a masked one); absent = all positions
+TARGET_KEY = "target_positions"
+
+
+def batch_keys(batch) -> tuple[str, ...]:
+    """The keys of `batch` the steps take: the feature or cached-encoder layout, plus target positions if given."""
+    keys = CACHED_BATCH_KEYS if "encoder_out" in batch else BATCH_KEYS
+    return keys + ((TARGET_KEY,) if TARGET_KEY in batch else ())
+
+
+def targets(mb) -> tuple[jax.Array, jax.Array]:
+    """(labels, loss_mask) at the batch's target positions, (b, k); the whole rows without them."""
+    pos = mb.get(TARGET_KEY)
+    if pos is None:
+        return mb["labels"], mb["loss_mask"]
+    return (jnp.take_along_axis(mb["labels"], pos, axis=1), jnp.take_along_axis(mb["loss_mask"], pos, axis=1))
 _ENCODER_FIELDS = ("n_mels", "n_audio_ctx", "d_model", "encoder_layers", "encoder_heads", "ffn_dim")
 
 
@@ -152,7 +169,8 @@ def _teacher_forward(teacher_model, teacher_params, mb, need_hidden):
         enc = jax.lax.stop_gradient(mb["encoder_out"].astype(teacher_model.dtype))
     else:
         enc = jax.lax.stop_gradient(encode_batch(teacher_model, teacher_params, mb["input_features"]))
-    logits, _, hidden = teacher_model.apply(variables, mb["decoder_input_ids"], enc, None, True, method="decode")
+    logits, _, hidden = teacher_model.apply(variables, mb["decoder_input_ids"], enc, None, True,
+                                            mb.get(TARGET_KEY), method="decode")
     return enc, jax.lax.stop_gradient(logits), (jax.lax.stop_gradient(hidden) if need_hidden else None)
 
 
@@ -186,12 +204,12 @@ def train_step(state: TrainState, teacher_params, batch: dict, *, student_model:
     mse, grad_norm (of the trained parts, before clipping), lr (of this step), n_tokens (of the whole step)."""
     use_mse = bool(loss_cfg.mse_weight)
     dec_params = state.params["decoder"]
-    batch = {k: batch[k] for k in (CACHED_BATCH_KEYS if "encoder_out" in batch else BATCH_KEYS)}
+    batch = {k: batch[k] for k in batch_keys(batch)}
 
     def loss_fn(dec, enc_out, mb, t_logits, t_hidden):
         logits, _, hidden = student_model.apply({"params": {"decoder": dec}}, mb["decoder_input_ids"], enc_out,
-                                                None, True, method="decode")
-        terms = losses.distill_loss_terms(t_logits, logits, mb["labels"], mb["loss_mask"], loss_cfg.temperature,
+                                                None, True, mb.get(TARGET_KEY), method="decode")
+        terms = losses.distill_loss_terms(t_logits, logits, *targets(mb), loss_cfg.temperature,
                                           t_hidden, hidden if use_mse else None)
         return losses.weighted_sum(terms, loss_cfg), terms
 
@@ -231,8 +249,8 @@ def eval_step(student_params, teacher_params, batch: dict, *, student_model: Whi
     t_enc, t_logits, _ = _teacher_forward(teacher_model, teacher_params, batch, False)
     enc_out = _student_encoder_out(student_model, teacher_model, student_params, t_enc, batch.get("input_features"))
     logits, _ = student_model.apply({"params": {"decoder": student_params["decoder"]}}, batch["decoder_input_ids"],
-                                    enc_out, method="decode")
-    terms = losses.distill_loss_terms(t_logits, logits, batch["labels"], batch["loss_mask"], 1.0)
+                                    enc_out, None, False, batch.get(TARGET_KEY), method="decode")
+    terms = losses.distill_loss_terms(t_logits, logits, *targets(batch), 1.0)
     return {k: terms[k] for k in ("kl_sum", "ce_sum", "n_tokens")}
 
 
@@ -264,7 +282,6 @@ class ShardedSteps:
     _init: Callable
     _train: Callable
     _eval: Callable
-    _train_cached: Callable = None
     _encode: Callable = None
 
     def abstract_state(self) -> TrainState:
@@ -284,15 +301,12 @@ class ShardedSteps:
     def put_batch(self, local_batch: dict) -> dict:
         """This process's rows of the batch -> global arrays split over data x fsdp (`encoder_out` instead of
         `input_features` when the batch has it)."""
-        keys = CACHED_BATCH_KEYS if "encoder_out" in local_batch else BATCH_KEYS
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_batch[k]))
-                for k in keys}
+                for k in batch_keys(local_batch)}
 
     def train_step(self, state, teacher_params, batch):
         """One step; a batch with `encoder_out` (a cached teacher encoder output) runs no encoder."""
-        if "encoder_out" in batch:
-            return self._train_cached(state, teacher_params, {k: batch[k] for k in CACHED_BATCH_KEYS})
-        return self._train(state, teacher_params, {k: batch[k] for k in BATCH_KEYS})
+        return self._train(state, teacher_params, {k: batch[k] for k in batch_keys(batch)})
 
     def encode(self, teacher_params, features, dtype):
         """The teacher encoder's output of global `features`, cast to `dtype` (for the encoder cache), sharded
@@ -392,15 +406,12 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
     step_fn = functools.partial(train_step, student_model=student_model, teacher_model=teacher_model,
                                 loss_cfg=cfg.loss, tx=tx, schedule=schedule, grad_accum=k,
                                 frozen=tuple(cfg.optim.frozen))
-    batch_sh = {key: batch_sharding for key in BATCH_KEYS}
     jit = functools.partial(jax.jit, compiler_options=compiler_options)
     jit_init = jit(init, in_shardings=(state_shardings.params, repl), out_shardings=state_shardings,
                    donate_argnums=(0,))
-    jit_train = jit(with_rules(step_fn), in_shardings=(state_shardings, teacher_shardings, batch_sh),
+    # one sharding for every batch array: the step takes either layout, with or without target positions
+    jit_train = jit(with_rules(step_fn), in_shardings=(state_shardings, teacher_shardings, batch_sharding),
                     out_shardings=(state_shardings, repl), donate_argnums=(0,))
-    cached_sh = {key: batch_sharding for key in CACHED_BATCH_KEYS}
-    jit_train_cached = jit(with_rules(step_fn), in_shardings=(state_shardings, teacher_shardings, cached_sh),
-                           out_shardings=(state_shardings, repl), donate_argnums=(0,))
 
     @functools.partial(jax.jit, static_argnums=(2,), compiler_options=compiler_options)
     def jit_encode(teacher_params, features, dtype):
@@ -408,8 +419,7 @@ def make_sharded_train_step(cfg: Config, mesh, student_cfg: WhisperConfig, teach
             enc = encode_batch(teacher_model, teacher_params, features)
         return jax.lax.with_sharding_constraint(enc.astype(dtype), batch_sharding)
     eval_fn = functools.partial(eval_step, student_model=student_model, teacher_model=teacher_model)
-    jit_eval = jit(with_rules(eval_fn), in_shardings=(state_shardings.params, teacher_shardings, batch_sh),
+    jit_eval = jit(with_rules(eval_fn), in_shardings=(state_shardings.params, teacher_shardings, batch_sharding),
                        out_shardings=repl)
     return ShardedSteps(mesh, rules, student_model, teacher_model, tx, schedule, state_shardings, teacher_shardings,
-                        batch_sharding, k, nn.unbox(abstract_state), jit_init, jit_train, jit_eval, jit_train_cached,
-                        jit_encode)
+                        batch_sharding, k, nn.unbox(abstract_state), jit_init, jit_train, jit_eval, jit_encode)

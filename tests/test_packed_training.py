@@ -8,7 +8,8 @@ packed label rows are written by hand in `dwjax pseudo-label --pack`'s format (o
     teacher's tokens as they are;
   * the previous-window prompt: <|startofprev|> + the previous window's (same dataset and source, the one just
     before) plain text, masked out of the loss; the first window of a source and other sources have none;
-  * padding to the batch's bucket (16) gives the loss and update of padding to 32 (float32 rounding);
+  * padding to the batch's bucket (16) gives the loss and update of padding to 32 (float32 rounding); logits only
+    at the target positions (every unmasked one) give the loss and update of logits at every position;
   * `dwjax distill` with train.encoder_cache (float16) gives the losses of a run without it within 2e-5 relative
     over 3 steps (measured on this model: 2.4e-7 with float16, 1.6e-6 with bfloat16: the rounding of the encoder
     output to 11 / 8 significant bits), and a second run reuses the cache (nothing computed) with bitwise the
@@ -155,6 +156,57 @@ def test_bucket_padding_gives_the_loss_of_full_padding():
     assert float(m16["n_tokens"]) == float(m32["n_tokens"])
     np.testing.assert_allclose(float(m16["loss"]), float(m32["loss"]), rtol=1e-6)
     assert_trees_close(s16.params["decoder"], s32.params["decoder"], 1e-5)
+
+
+
+def test_target_positions_cover_every_unmasked_position():
+    from dwjax.data.loader import target_positions
+    mask = np.zeros((3, 32), np.float32)
+    mask[0, 2:30] = 1                        # 28 of 32: k rounds up to 32, no masked filler needed past 28
+    mask[1, [1, 5, 6, 7]] = 1                # not contiguous (the language token, then the text)
+    mask[2, 0:9] = 1                         # the row's only masked positions are after its text
+    pos = target_positions(mask)
+    assert pos.shape == (3, 32)
+    for r in range(3):
+        on = np.flatnonzero(mask[r])
+        np.testing.assert_array_equal(pos[r, :len(on)], on)
+        assert np.all(mask[r, pos[r, len(on):]] == 0)
+    assert target_positions(mask[1:]).shape == (2, 16)          # 9 unmasked at most: two quarters of 32
+
+
+def test_target_logits_give_the_loss_of_logits_everywhere():
+    """Logits only at the target positions (prompt and padding skipped) give the loss and update of logits at
+    every position (float32 rounding)."""
+    import functools
+
+    from dwjax import losses
+    from dwjax import train_step as ts
+    from dwjax.config import LossConfig, ModelConfig
+    from dwjax.data.loader import target_positions
+    from dwjax.models.student import make_student
+    from tests.test_train_step import FAST_COMPILE, OPTIM, TEACHER, assert_trees_close, random_params
+    teacher = random_params(TEACHER, 1)
+    s_cfg, student = make_student(TEACHER, teacher, decoder_layers=2)
+    rng = np.random.default_rng(5)
+    b = 4
+    seqs = rng.integers(0, TEACHER.vocab_size, (b, 33))
+    prompt, lengths = rng.integers(1, 12, b), rng.integers(14, 24, b)    # long prompts, padding after 24
+    feats = rng.normal(size=(b, TEACHER.n_mels, 2 * TEACHER.n_audio_ctx)).astype(np.float32)
+    s_model, t_model = ts.make_models(ModelConfig(), s_cfg, TEACHER)
+    tx, schedule = ts.make_optimizer(OPTIM)
+    loss_cfg = LossConfig(kl_weight=0.8, ce_weight=1.0, mse_weight=0.5, temperature=2.0)
+    step = jax.jit(functools.partial(ts.train_step, student_model=s_model, teacher_model=t_model, loss_cfg=loss_cfg,
+                                     tx=tx, schedule=schedule), compiler_options=FAST_COMPILE)
+    batch = losses.make_decoder_batch(seqs, prompt, lengths)
+    batch["input_features"] = feats
+    targeted = dict(batch, target_positions=target_positions(batch["loss_mask"]))
+    assert targeted["target_positions"].shape[1] < 32
+    (s_all, m_all), (s_t, m_t) = (step(ts.init_train_state(student, tx, jax.random.PRNGKey(0)), teacher, x)
+                                  for x in (batch, targeted))
+    assert float(m_all["n_tokens"]) == float(m_t["n_tokens"]) == float(batch["loss_mask"].sum())
+    for key in ("loss", "kl", "ce", "mse"):
+        np.testing.assert_allclose(float(m_t[key]), float(m_all[key]), rtol=1e-5)
+    assert_trees_close(s_t.params["decoder"], s_all.params["decoder"], 1e-5)
 
 
 # ----------------------------------------------------------------------------------------------------- cache

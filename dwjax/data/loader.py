@@ -42,7 +42,12 @@ the loss. Per-clip rows have no previous window.
 Length. Each batch is padded to its longest sequence rounded up to a multiple of `data.label_bucket` (default 64;
 at most the run's label length, `label_length`), so a run compiles its step once per bucket it meets (<= 7 at 448
 tokens with 64); `label_bucket: 0` pads every batch to the run's label length (one compile, the old behaviour).
-Padding is masked: the loss does not depend on it (tests/test_packed_training.py).
+Padding is masked: the loss does not depend on it (tests/test_packed_training.py). With length padding a batch
+also carries `target_positions` (b, k): each row's unmasked positions in order, then repeats of one of its masked
+positions, k = its largest count rounded up to a quarter of the padded length (`target_positions`). The step
+computes logits only there: the vocabulary projection (51865 x d_model per position, teacher and student) is
+most of a cached step's work, and a packed row's previous-text prompt and padding have no loss. At most four k
+per padded length, so at most four compiles per bucket.
 
 Encoder cache. With `encoder_cache` (dwjax/data/encoder_cache.py) a batch carries `encoder_out` (the teacher
 encoder's output for its rows, float16/bfloat16, read from the cache) instead of audio, and no audio is decoded.
@@ -336,6 +341,25 @@ def bucket_length(longest: int, cap: int, bucket: int) -> int:
     return min(cap, bucket * max(1, math.ceil(longest / bucket)))
 
 
+def target_positions(mask: np.ndarray) -> np.ndarray:
+    """(b, k) int32: each row's unmasked positions of `mask` (b, t) in order, the rest of the row filled with its
+    first masked position (its mask is 0 there: repeats add nothing to the loss); k = the largest unmasked count
+    rounded up to a multiple of t / 4 (t when t is not a multiple of 4), at most t. A row with fewer than k
+    unmasked positions always has a masked one."""
+    b, t = mask.shape
+    on = mask > 0
+    counts = on.sum(axis=1)
+    quarter = t // 4 if t % 4 == 0 else t
+    k = min(t, quarter * max(1, math.ceil(int(counts.max(initial=0)) / quarter)))
+    out = np.zeros((b, k), np.int32)
+    for r in range(b):
+        pos = np.flatnonzero(on[r])
+        out[r, :len(pos)] = pos
+        if len(pos) < k:
+            out[r, len(pos):] = np.flatnonzero(~on[r])[0]
+    return out
+
+
 class TrainBatches:
     """`batch(step)` -> this process's rows of global batch `step` as numpy arrays (audio decoded, not yet mel;
     or, with an encoder cache, the cached encoder output)."""
@@ -365,7 +389,8 @@ class TrainBatches:
         return out, (speech if speech is not None else n / SAMPLE_RATE)
 
     def labels(self, step: int, rows: Optional[list[tuple[int, int]]] = None) -> dict:
-        """decoder_input_ids, labels, loss_mask (padded to the batch's bucket) and n_prompt of batch `step`."""
+        """decoder_input_ids, labels, loss_mask (padded to the batch's bucket), n_prompt and, with length padding,
+        target_positions of batch `step`."""
         rows = self.rows(step) if rows is None else rows
         encoded = []
         for r, (d, i) in enumerate(rows):
@@ -378,8 +403,11 @@ class TrainBatches:
                                            if p >= 0 else None, s.task[i]))
         length = bucket_length(max(len(seq) - 1 for seq, _ in encoded), self.enc.length, self.bucket)
         inp, lab, mask = self.enc.pad(encoded, length)
-        return {"decoder_input_ids": inp, "labels": lab, "loss_mask": mask,
-                "n_prompt": np.array([n for _, n in encoded], np.int32)}
+        out = {"decoder_input_ids": inp, "labels": lab, "loss_mask": mask,
+               "n_prompt": np.array([n for _, n in encoded], np.int32)}
+        if self.bucket > 0:
+            out["target_positions"] = target_positions(mask)
+        return out
 
     def batch(self, step: int) -> dict:
         """This process's rows of batch `step`: audio (or encoder_out with a cache), decoder_input_ids, labels,

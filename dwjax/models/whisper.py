@@ -278,9 +278,12 @@ class Decoder(nn.Module):
     kernels: Kernels = Kernels()
 
     @nn.compact
-    def __call__(self, tokens, enc_out, cache=None, return_hidden=False):
+    def __call__(self, tokens, enc_out, cache=None, return_hidden=False, logit_positions=None):
         """tokens (b, t). Without a cache: teacher forcing with a causal mask, positions 0..t-1.
-        With a cache: tokens go to positions cache["index"] + 0..t-1; returns (logits, new_cache)."""
+        With a cache: tokens go to positions cache["index"] + 0..t-1; returns (logits, new_cache).
+        `logit_positions` (b, k) int: logits (and hidden) only at these positions of each row, (b, k, vocab): the
+        vocabulary projection is most of a training step's decoder work, and prompt and padding positions have
+        no loss."""
         c, kw = self.cfg, dict(dtype=self.dtype, param_dtype=self.param_dtype)
         embed = nn.Embed(c.vocab_size, c.d_model, name="embed_tokens", param_dtype=self.param_dtype,
                          embedding_init=_init(nn.initializers.normal(0.02), ("vocab", "embed")))
@@ -327,6 +330,8 @@ class Decoder(nn.Module):
                 if first_call:
                     new_cache["cross_k"].append(out["cross_k"])
                     new_cache["cross_v"].append(out["cross_v"])
+        if logit_positions is not None:
+            x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
         hidden = LayerNorm(name="final_norm", **kw)(x)
         logits = embed.attend(hidden).astype(jnp.float32)
         logits = nn.with_logical_constraint(logits, ("batch", "dec_len", "vocab"))
@@ -375,8 +380,8 @@ class Whisper(nn.Module):
     def encode(self, mel):
         return self.encoder(mel)
 
-    def decode(self, tokens, enc_out, cache=None, return_hidden=False):
-        return self.decoder(tokens, enc_out, cache, return_hidden)
+    def decode(self, tokens, enc_out, cache=None, return_hidden=False, logit_positions=None):
+        return self.decoder(tokens, enc_out, cache, return_hidden, logit_positions)
 
 
 def encode_batch(model: "Whisper", params, mel, active=None, per_example: Optional[bool] = None):
