@@ -3,6 +3,7 @@
     python benchmarks/paper_scale.py --out runs/paper-scale                     # base 6-6 -> 6-2: the table (~100 min)
     python benchmarks/paper_scale.py --out runs/ablations --ablations           # tiny.en 4-4 -> 4-2 ablations
     python benchmarks/paper_scale.py --out runs/paper-scale --steps 600 --hours 0.3 --games fotaq   # smaller
+    python benchmarks/paper_scale.py --out runs/ps-6-3 --decoder-layers 3 --reuse runs/paper-scale  # 6-3, same labels
 
 Every stage is resumable: rerun the same command after an interruption; finished stages are skipped (each
 writes its output last) and `dwjax distill` continues from its newest checkpoint, exactly (the data order is a
@@ -19,7 +20,9 @@ the teacher's own per-clip labels) and the synthetic test split, the first --eva
 and long-form (the same dctts and kathleen clips joined into ~180 s recordings, sequential and chunked).
 Training follows the main job (run_scripts/demo.sh): windows of <= 24 s, a quarter filled only to a random length,
 the token and position embeddings frozen, labels padded to multiples of 32 tokens, the encoder output cached.
-Each stage's wall time goes to OUT/timings.jsonl.
+Each stage's wall time goes to OUT/timings.jsonl. --reuse OTHER_OUT links an earlier run's data, labels and encoder
+cache and copies its teacher evaluations (same teacher and data flags): only the student is made, trained and scored
+again (another --decoder-layers, --steps or --lr on the same labels).
 
 Outputs: OUT/report/report.md (`dwjax report`: params, relative latency, WER per set, long-form), OUT/table.md
 (the paper-style table: teacher, initialised student, distilled student; the in-training WER curve by step) and,
@@ -61,6 +64,19 @@ def sh(*args: str, ok_codes=(0,)) -> int:
     if rc not in ok_codes:
         raise SystemExit(f"paper_scale: `dwjax {args[0]}` failed with exit status {rc}")
     return rc
+
+
+def reuse_run(src: Path, out: Path) -> None:
+    """Links SRC's data, labels and encoder cache into OUT and copies its teacher evaluations (--reuse)."""
+    if not (src / "labels").is_dir():
+        raise SystemExit(f"paper_scale: --reuse {src}: no labels/ there (not a paper_scale OUT?)")
+    for name in ("games", "real", "synthetic", "labels", "cache-all", "cache-half"):
+        if (src / name).exists() and not (out / name).exists():
+            (out / name).symlink_to(src / name)
+    (out / "eval").mkdir(exist_ok=True)
+    for f in ("teacher.json", "long-sequential-teacher.json", "long-chunked-teacher.json"):
+        if (src / "eval" / f).exists() and not (out / "eval" / f).exists():
+            (out / "eval" / f).write_bytes((src / "eval" / f).read_bytes())
 
 
 def first_rows(manifest: Path, n: int) -> Path:
@@ -220,6 +236,9 @@ def main() -> None:
     ap.add_argument("--pack-short", type=float, default=0.25,
                     help="fraction of packed windows filled only to a random length (pseudo-label --pack-short)")
     ap.add_argument("--packages-dir", help="a folder with the games' .deb files (skips the download)")
+    ap.add_argument("--decoder-layers", type=int, default=2, help="the student's decoder layers (init-student)")
+    ap.add_argument("--reuse", help="an earlier OUT of the same teacher and data flags: its data, labels, encoder "
+                                    "cache and teacher evaluations are used, not made again")
     ap.add_argument("--hours", type=float, default=0.2, help="hours of synthetic speech")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8, help="30 s windows per step")
@@ -236,6 +255,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     global TIMINGS
     TIMINGS = out / "timings.jsonl"
+    if args.reuse:
+        reuse_run(Path(args.reuse).resolve(), out)
 
     # 1. data
     games = out / "games"
@@ -263,7 +284,8 @@ def main() -> None:
 
     student_init = out / "student-init"
     if not (student_init / "dwjax_config.json").exists():
-        sh("init-student", "--teacher", teacher, "--decoder-layers", "2", "--output", str(student_init))
+        sh("init-student", "--teacher", teacher, "--decoder-layers", str(args.decoder_layers),
+           "--output", str(student_init))
     all_data = [("games", games_l), ("kathleen", kath_l), ("synthetic", synth_l)]
     common = (teacher, student_init)
     train_kw = dict(steps=args.steps, batch=args.batch, lr=args.lr, curve_sets=curve_sets,
@@ -287,7 +309,8 @@ def main() -> None:
                                              ev / f"long-{mode}-{who.split()[0]}.json", n, mode)
     sh("report", *(str(p) for p in results.values()), "--output", str(out / "report"))
     points = curve(out / "distill")
-    write_table(out / "table.md", f"Paper-scale distillation ({teacher}, {args.steps} steps of {args.batch})",
+    write_table(out / "table.md", f"Paper-scale distillation ({teacher} -> {args.decoder_layers} decoder layers, "
+                                  f"{args.steps} steps of {args.batch})",
                 results, longform, points)
     plot_curve(out / "curve.png", points, f"{teacher}: student WER by step (teacher dashed)")
 

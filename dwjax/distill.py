@@ -16,7 +16,9 @@ The data stream is a function of (data.seed, step), so a resumed run sees exactl
 
 Packed label rows (`dwjax pseudo-label --pack`) train on their windows (dwjax/data/loader.py: window audio,
 timestamps, previous-window prompts). Each batch is padded to its longest label rounded up to `data.label_bucket`
-(the step compiles once per bucket met; the summary's `label_lengths` lists them). With `train.encoder_cache` the
+and the logits are computed only at the positions with a loss (`target_positions`, in quarters of that length): the
+step compiles once per (length, logit positions) met; the summary's `label_lengths` and `step_shapes` list them.
+With `train.encoder_cache` the
 teacher encoder's output is computed once per row before training and read from disk afterwards
 (dwjax/data/encoder_cache.py); the step then runs no encoder.
 """
@@ -138,6 +140,7 @@ class _TrainLog:
         self.flops_of, self.peak, self.global_batch, self.n_proc = flops_of, peak, global_batch, n_proc
         self.start_step = start_step
         self.lengths: set[int] = set()
+        self.shapes: set[tuple[int, int]] = set()
         self.t_last, self.n_steps, self.flops, self.speech = time.time(), 0, 0.0, 0.0
 
     def __call__(self, info: StepInfo) -> None:
@@ -146,7 +149,11 @@ class _TrainLog:
             self.lengths.add(n_pos)
             self.summary["label_lengths"] = sorted(self.lengths)
         targets = info.local.get("target_positions")
-        self.flops += self.flops_of(n_pos, None if targets is None else int(targets.shape[1]))
+        n_targets = n_pos if targets is None else int(targets.shape[1])
+        if (n_pos, n_targets) not in self.shapes:
+            self.shapes.add((n_pos, n_targets))
+            self.summary["step_shapes"] = [list(x) for x in sorted(self.shapes)]
+        self.flops += self.flops_of(n_pos, n_targets)
         self.speech += float(info.local["audio_seconds"]) * self.n_proc
         self.n_steps += 1
         if not (info.step % self.cfg.train.log_every == 0 or info.final or info.step == self.start_step + 1):

@@ -248,6 +248,9 @@ def test_cache_gives_the_same_loss(assets, runs, capsys):
     assert _losses(out) == runs["cached"]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["label_lengths"] and all(n % 64 == 0 or n == 448 for n in summary["label_lengths"])
+    # logits at the loss positions only: k of a step's t positions, in quarters of t
+    assert {t for t, _ in summary["step_shapes"]} == set(summary["label_lengths"])
+    assert all(0 < k <= t and (4 * k) % t == 0 for t, k in summary["step_shapes"])
 
 
 def _one_line(capfd, argv) -> str:
