@@ -13,7 +13,10 @@ Teacher: the builtin whisper-base weights (any weights time the same); student: 
 (`make_student`). One device (CPU: fp32), the real loader (`TrainBatches`, audio decoding and log-mel included) and
 the real sharded step (`make_sharded_train_step`).
 
-Each mode: one warm-up step per label bucket it meets is excluded (compiles), then --steps timed steps. The cache
+Modes: per-clip; packed + cache + bucket with logits at every position; the same with logits only at the loss
+positions (`target_positions`: what `dwjax distill` does with length padding). Both use --frozen (default: the main
+job's and paper-scale run's frozen token and position embeddings; '' trains them, as the config default does).
+Each mode: one warm-up step per step shape it meets is excluded (compiles), then --steps timed steps. The cache
 fill (the teacher encoder once per window) is timed on its own and shown amortised over --epochs epochs.
 speech-s/s counts the clips' seconds, never padding or gaps. MFU = analytic FLOPs (`dwjax.distill`'s decoder and
 encoder counts, the encoder only where the step runs it) / step time / --peak-gflops. Prints a table; asserts
