@@ -20,9 +20,9 @@ the teacher's own per-clip labels) and the synthetic test split, the first --eva
 and long-form (the same dctts and kathleen clips joined into ~180 s recordings, sequential and chunked).
 Training follows the main job (run_scripts/demo.sh): windows of <= 24 s, a quarter filled only to a random length,
 the token and position embeddings frozen, labels padded to multiples of 32 tokens, the encoder output cached.
-Each stage's wall time goes to OUT/timings.jsonl. --reuse OTHER_OUT links an earlier run's data, labels and encoder
-cache and copies its teacher evaluations (same teacher and data flags): only the student is made, trained and scored
-again (another --decoder-layers, --steps or --lr on the same labels).
+Each stage's wall time goes to OUT/timings.jsonl. --reuse OTHER_OUT links an earlier run's data and labels and
+copies its teacher evaluations (same teacher and data flags): only the encoder cache is filled again and the student
+made, trained and scored (another --decoder-layers, --steps or --lr on the same labels).
 
 Outputs: OUT/report/report.md (`dwjax report`: params, relative latency, WER per set, long-form), OUT/table.md
 (the paper-style table: teacher, initialised student, distilled student; the in-training WER curve by step) and,
@@ -67,10 +67,11 @@ def sh(*args: str, ok_codes=(0,)) -> int:
 
 
 def reuse_run(src: Path, out: Path) -> None:
-    """Links SRC's data, labels and encoder cache into OUT and copies its teacher evaluations (--reuse)."""
+    """Links SRC's data and labels into OUT and copies its teacher evaluations (--reuse)."""
     if not (src / "labels").is_dir():
         raise SystemExit(f"paper_scale: --reuse {src}: no labels/ there (not a paper_scale OUT?)")
-    for name in ("games", "real", "synthetic", "labels", "cache-all", "cache-half"):
+    # not the encoder caches: they are tied to the audio files' sizes and times, which a new copy of ../shared changes
+    for name in ("games", "real", "synthetic", "labels"):
         if (src / name).exists() and not (out / name).exists():
             (out / name).symlink_to(src / name)
     (out / "eval").mkdir(exist_ok=True)
@@ -237,8 +238,8 @@ def main() -> None:
                     help="fraction of packed windows filled only to a random length (pseudo-label --pack-short)")
     ap.add_argument("--packages-dir", help="a folder with the games' .deb files (skips the download)")
     ap.add_argument("--decoder-layers", type=int, default=2, help="the student's decoder layers (init-student)")
-    ap.add_argument("--reuse", help="an earlier OUT of the same teacher and data flags: its data, labels, encoder "
-                                    "cache and teacher evaluations are used, not made again")
+    ap.add_argument("--reuse", help="an earlier OUT of the same teacher and data flags: its data, labels and "
+                                    "teacher evaluations are used, not made again")
     ap.add_argument("--hours", type=float, default=0.2, help="hours of synthetic speech")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8, help="30 s windows per step")
