@@ -65,6 +65,8 @@ def targets(mb) -> tuple[jax.Array, jax.Array]:
     if pos is None:
         return mb["labels"], mb["loss_mask"]
     return (jnp.take_along_axis(mb["labels"], pos, axis=1), jnp.take_along_axis(mb["loss_mask"], pos, axis=1))
+
+
 _ENCODER_FIELDS = ("n_mels", "n_audio_ctx", "d_model", "encoder_layers", "encoder_heads", "ffn_dim")
 
 
