@@ -155,7 +155,7 @@ def label(teacher: str, name: str, manifest: Path, out: Path, pack: bool, pack_s
 
 def distill(out: Path, teacher: str, student_init: Path, train_sets: list[tuple[str, Path]], cache: Path,
             extra: tuple[str, ...] = (), *, steps: int, batch: int, lr: float, curve_sets: list[tuple[str, Path]],
-            eval_every: int, curve_samples: int) -> Path:
+            eval_every: int, curve_samples: int, run_on: float) -> Path:
     """One `dwjax distill` run into OUT (resumes from its newest checkpoint); returns its final student."""
     student = out / "student"
     if (student / "dwjax_config.json").exists():
@@ -168,7 +168,8 @@ def distill(out: Path, teacher: str, student_init: Path, train_sets: list[tuple[
        f"train.per_device_batch_size={batch}", f"eval.every={eval_every}",
        f"eval.max_samples={curve_samples}", "train.log_every=10", f"checkpoint.save_every={eval_every}",
        f"train.encoder_cache={cache}", "data.timestamp_probability=0.5", "data.prev_context_probability=0.2",
-       "data.label_bucket=32", "optim.frozen=[embed_tokens, embed_positions]", *extra)
+       f"data.run_on_fraction={run_on}", "data.label_bucket=32", "optim.frozen=[embed_tokens, embed_positions]",
+       *extra)
     return student
 
 
@@ -240,6 +241,8 @@ def main() -> None:
     ap.add_argument("--decoder-layers", type=int, default=2, help="the student's decoder layers (init-student)")
     ap.add_argument("--reuse", help="an earlier OUT of the same teacher and data flags: its data, labels and "
                                     "teacher evaluations are used, not made again")
+    ap.add_argument("--run-on", type=float, default=0.5,
+                    help="data.run_on_fraction: packed windows that run on into the next one up to 30 s")
     ap.add_argument("--hours", type=float, default=0.2, help="hours of synthetic speech")
     ap.add_argument("--steps", type=int, default=1500)
     ap.add_argument("--batch", type=int, default=8, help="30 s windows per step")
@@ -290,7 +293,7 @@ def main() -> None:
     all_data = [("games", games_l), ("kathleen", kath_l), ("synthetic", synth_l)]
     common = (teacher, student_init)
     train_kw = dict(steps=args.steps, batch=args.batch, lr=args.lr, curve_sets=curve_sets,
-                    eval_every=args.eval_every, curve_samples=args.curve_samples)
+                    eval_every=args.eval_every, curve_samples=args.curve_samples, run_on=args.run_on)
 
     # 3. the main distillation: PL + KL on all the data, WER filter 10 %
     student = distill(out / "distill", *common, all_data, out / "cache-all", **train_kw)

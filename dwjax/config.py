@@ -120,6 +120,10 @@ class DataConfig:
     prev_context_probability: float = _f(
         0.0, "probability of conditioning a packed window on the previous window's text (<|startofprev|> prompt, "
              "masked from the loss; dwjax/data/loader.py)")
+    run_on_fraction: float = _f(
+        0.0, "fraction of packed windows (those with a next window of the same speaker) whose audio runs on into "
+             "the next window up to 30 s, labelled up to the cut utterance's start timestamp, always with timestamps: "
+             "what sequential long-form decoding meets in every full window (dwjax/data/loader.py: Run-on windows)")
     max_label_length: int = _f(448, "labels longer than this many tokens are dropped")
     label_bucket: int = _f(
         64, "pad each batch's labels to its longest sequence rounded up to a multiple of this (one compile per "
@@ -403,7 +407,7 @@ def _check_values(cfg: Config) -> None:
             v = getattr(getattr(cfg, section), name)
             need(v > bound if strict else v >= bound, f"{key} must be {'>' if strict else '>='} {bound}, got {v}")
     d, o, m = cfg.data, cfg.optim, cfg.mesh
-    for name in ("timestamp_probability", "prev_context_probability"):
+    for name in ("timestamp_probability", "prev_context_probability", "run_on_fraction"):
         need(0.0 <= getattr(d, name) <= 1.0, f"data.{name} must be in [0, 1], got {getattr(d, name)}")
     for spec in d.train:
         need(spec.weight > 0, f"data.train weight of {spec.name} must be > 0, got {spec.weight}")

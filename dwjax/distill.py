@@ -40,7 +40,8 @@ from dwjax import mesh as mesh_lib
 from dwjax.audio import N_SAMPLES, log_mel_spectrogram
 from dwjax.config import Config, to_dict, to_yaml
 from dwjax.data.encoder_cache import numpy_dtype, open_cache, teacher_fingerprint
-from dwjax.data.loader import LabelEncoder, TrainBatches, label_length, read_labelled, row_audio
+from dwjax.data.loader import (LabelEncoder, TrainBatches, label_length, read_labelled, row_audio,
+                               run_on_windows)
 from dwjax.data.label_filter import LabelFilter, format_counts
 from dwjax.errors import UserError, WeightsError
 from dwjax.flops import peak_flops, train_step_flops
@@ -214,8 +215,10 @@ def run(cfg: Config, *, devices=None) -> dict:
     if student.cfg.vocab_size != teacher.cfg.vocab_size:
         raise UserError(f"student vocabulary ({student.cfg.vocab_size}) differs from the teacher's "
                         f"({teacher.cfg.vocab_size}): make the student from this teacher")
+    run_on = {}
     for s_ in sets:
         s_.set_tokenizer(tok)
+        run_on[s_.name] = run_on_windows(s_, cfg.data.run_on_fraction, cfg.data.seed, tok, cfg.data.max_label_length)
     length = label_length(sets, cfg.data.max_label_length, prev_context_probability=cfg.data.prev_context_probability)
     accum = cfg.train.grad_accum_steps
     global_batch = mesh_lib.global_batch_size(cfg, n_dev) * accum      # examples per optimizer step
@@ -242,6 +245,10 @@ def run(cfg: Config, *, devices=None) -> dict:
     # everything that can be refused has been checked: now say what the run is
     for name, c in counts.items():
         _log(format_counts(name, c, rules[name]))
+        c["run_on"] = run_on[name]
+        if run_on[name]:
+            _log(f"{name}: {run_on[name]} packed window(s) run on into the next one up to 30 s "
+                 f"(data.run_on_fraction {cfg.data.run_on_fraction:g})")
     if devices is None:
         mesh_lib.banner(cfg, global_batch)       # global_batch already includes the accumulation
         _log(f"labels padded to {_padding_words(length, cfg.data.label_bucket)}")

@@ -101,6 +101,8 @@ def test_type_errors_name_the_key(tmp_path):
         C.load_config(overrides=["train.per_device_batch_size"])
     with pytest.raises(ConfigError, match="data.timestamp_probability must be in"):
         C.load_config(overrides=["data.timestamp_probability=1.5"])
+    with pytest.raises(ConfigError, match="data.run_on_fraction must be in"):
+        C.load_config(overrides=["data.run_on_fraction=-0.1"])
     with pytest.raises(ConfigError, match="unknown logical axis 'embd'; did you mean embed"):
         M.validate_for_devices(C.load_config(overrides=["mesh.logical_axis_rules=[[embd, fsdp]]"]), 8)
     with pytest.raises(ConfigError, match="maps to unknown mesh axis 'fdsp'"):

@@ -10,10 +10,10 @@ packed label rows are written by hand in `dwjax pseudo-label --pack`'s format (o
     before) plain text, masked out of the loss; the first window of a source and other sources have none;
   * padding to the batch's bucket (16) gives the loss and update of padding to 32 (float32 rounding); logits only
     at the target positions (every unmasked one) give the loss and update of logits at every position;
-  * `dwjax distill` with train.encoder_cache (float16) gives the losses of a run without it within 2e-5 relative
-    over 3 steps (measured on this model: 2.4e-7 with float16, 1.6e-6 with bfloat16: the rounding of the encoder
-    output to 11 / 8 significant bits), and a second run reuses the cache (nothing computed) with bitwise the
-    same losses;
+  * `dwjax distill` with train.encoder_cache (float16; c0+2 runs on into c2+2, tests/test_run_on.py) gives the
+    losses of a run without it within 2e-5 relative over 3 steps (measured on this model: 2.4e-7 with float16,
+    1.6e-6 with bfloat16: the rounding of the encoder output to 11 / 8 significant bits), and a second run reuses
+    the cache (nothing computed) with bitwise the same losses;
   * a cache made for another teacher, or whose audio changed, is refused: exit 1, one stderr line.
 """
 from __future__ import annotations
@@ -215,7 +215,7 @@ def test_target_logits_give_the_loss_of_logits_everywhere():
 def _args(assets, out, extra=()):
     args = [a for a in overrides(assets, out, 3) if not a.startswith("data.train=")]
     return args + [f"data.train=[{{name: tiny, path: {assets['packed']}}}]", "data.timestamp_probability=0.5",
-                   "data.prev_context_probability=0.5", *extra]
+                   "data.prev_context_probability=0.5", "data.run_on_fraction=1.0", *extra]
 
 
 def _losses(out) -> list[float]:

@@ -39,6 +39,20 @@ timestamps, as Whisper's text prompts), cut from the left to at most 223 tokens 
 which dwjax's long-form decoding also uses) and to what still fits the label length; the prompt is masked out of
 the loss. Per-clip rows have no previous window.
 
+Run-on windows (`data.run_on_fraction`, packed rows only). Packed windows hold whole utterances and end in
+silence, but in sequential long-form decoding every window but the last is 30 s of speech cut mid-utterance: a
+student that never saw speech past its windows' length (<= 24 s by default) or a cut utterance loops there
+(README: Known limits). So a fraction of the packed rows that have a next window W' (the row whose previous
+window they are) run on: the row's audio is W followed, after the gap between W's members (0.5 s for a
+one-member window), by W''s members cut at 30 s; its label is W's label, then W''s segments that end before the cut
+(their timestamps shifted by W''s offset, text tokens unchanged) and, when the cut falls inside speech, the start
+timestamp of the cut segment alone: Whisper's form for an utterance that continues in the next window (the
+sequential decoder seeks there). A W' segment counts as whole when its end timestamp is at most the cut member's
+start (the cut, when no member is cut). Run-on rows always train with timestamps (without them the cut words would have no label). Which
+rows run on is a function of (data.seed, the row's cache key), so the rows, and an encoder cache of them, are the
+same every epoch; a run-on row's cache key is `<key>><next window's id>`. A row runs on only when its label ends
+with a segment's end timestamp, at least 1 s of W' fits and the longer label stays within max_label_length.
+
 Length. Each batch is padded to its longest sequence rounded up to a multiple of `data.label_bucket` (default 64;
 at most the run's label length, `label_length`), so a run compiles its step once per bucket it meets (<= 7 at 448
 tokens with 64); `label_bucket: 0` pads every batch to the run's label length (one compile, the old behaviour).
@@ -71,9 +85,10 @@ import numpy as np
 from dwjax.audio import N_SAMPLES, SAMPLE_RATE, load_audio, load_audio_bytes
 from dwjax.data.label_filter import LabelFilter, format_counts, judge, new_counts
 from dwjax.data.label_store import read_part
-from dwjax.data.packing import Member, Window, window_audio
+from dwjax.data.packing import DEFAULT_GAP_S, MAX_WINDOW_S, Member, Window, keyed_uniform, window_audio
 from dwjax.errors import UserError
 from dwjax.text.languages import resolve_language
+from dwjax.text.tokenizer import TIME_PRECISION
 
 
 @dataclasses.dataclass
@@ -92,10 +107,11 @@ class LabelledSet:
     durations: list = None  # per row: the `duration_s` column (None when absent)
     task: list = None      # per row: "transcribe" / "translate" (None: transcribe)
     member_bytes: list = None  # per row: None, or (packed rows) each member's encoded file (None: read its path)
+    run_on: list = None    # per row: None, or the id of the next window its audio runs on into (`run_on_windows`)
 
     def __post_init__(self):
         n = len(self.ids)
-        for f in ("members", "plain", "speech_s", "datasets", "durations", "task", "member_bytes"):
+        for f in ("members", "plain", "speech_s", "datasets", "durations", "task", "member_bytes", "run_on"):
             if getattr(self, f) is None:
                 setattr(self, f, [None] * n)
         if self.prev is None:
@@ -113,7 +129,8 @@ class LabelledSet:
     def key(self, i: int) -> str:
         """The row's key in an encoder cache: `dataset/id` (the id alone without a dataset column)."""
         d = self.datasets[i]
-        return f"{d}/{self.ids[i]}" if d else str(self.ids[i])
+        key = f"{d}/{self.ids[i]}" if d else str(self.ids[i])
+        return key if self.run_on[i] is None else f"{key}>{self.run_on[i]}"
 
 
 def read_labelled(name: str, path: str, rule: LabelFilter | float | None = LabelFilter(), weight: float = 1.0,
@@ -202,6 +219,82 @@ def _plain_tokens(tok, tokens: list[int]) -> list[int]:
     return tok.encode(" " + text) if text else []
 
 
+#: the least of the next window a run-on row must hold (seconds)
+MIN_RUN_ON_S = 1.0
+
+
+def run_on_windows(s: LabelledSet, fraction: float, seed: int, tok, max_label_length: int = 448) -> int:
+    """Makes about `fraction` of s's packed rows run on into their next window (module docstring: Run-on windows);
+    returns how many did. Call after `set_tokenizer` (a run-on row keeps its own plain text, the next window's
+    previous-text prompt)."""
+    if fraction <= 0:
+        return 0
+    members, tokens, held = list(s.members), list(s.tokens), list(s.member_bytes)     # before any run-on
+    n = 0
+    for j, i in enumerate(s.prev):
+        if i < 0 or members[i] is None or members[j] is None or s.run_on[i] is not None:
+            continue
+        if keyed_uniform(seed, s.key(i), "run-on") >= fraction:
+            continue
+        joined = run_on_label(tok, members[i], tokens[i], members[j], tokens[j])
+        if joined is None or len(joined[1]) + 5 > max_label_length:
+            continue
+        mem, s.tokens[i], speech = joined
+        s.members[i] = mem
+        own = held[i] or [None] * len(members[i])
+        more = (held[j] or [None] * len(members[j]))[: len(mem) - len(members[i])]
+        s.member_bytes[i] = own + more if any(b for b in own + more) else None
+        s.speech_s[i] = float(sum(float(m["duration_s"]) for m in members[i])) + speech
+        s.run_on[i] = s.ids[j]
+        n += 1
+    return n
+
+
+def run_on_label(tok, members: list[dict], tokens: list[int], next_members: list[dict], next_tokens: list[int]):
+    """(members, tokens, seconds of the next window's speech inside) of a window that runs on into the next one,
+    cut at 30 s (module docstring: Run-on windows), or None when it cannot run on."""
+    tb, eot = tok.timestamp_begin, tok.eot
+    if len(tokens) < 2 or tokens[-1] < tb or tokens[-2] >= tb:
+        return None                                     # the label must end with a segment's end timestamp
+    ends = [float(m["offset_s"]) + float(m["duration_s"]) for m in members]
+    gap = float(members[1]["offset_s"]) - ends[0] if len(members) > 1 else DEFAULT_GAP_S
+    offset = max(ends) + gap
+    room = MAX_WINDOW_S - offset                        # seconds of the next window that fit
+    if room < MIN_RUN_ON_S:
+        return None
+    inside = [m for m in next_members if float(m["offset_s"]) < room]
+    cut = [float(m["offset_s"]) for m in inside if float(m["offset_s"]) + float(m["duration_s"]) > room]
+    bound = cut[0] if cut else room                     # a segment ending by here is whole inside the window
+    shift = round(offset / TIME_PRECISION)
+    last_ts = tb + round(MAX_WINDOW_S / TIME_PRECISION)
+    out, start, run, lone = [], None, [], None
+    for t in [*next_tokens, None]:                     # None: the end (text after the last timestamp is unended)
+        if t is not None and t < tb:
+            if t < eot:
+                run.append(t)
+            continue
+        if not run:
+            start = t                                   # a segment opens (or a pair's second timestamp)
+            continue
+        begin = out[-1] - shift if start is None and out else (tb if start is None else start)
+        if t is None or (t - tb) * TIME_PRECISION > bound:
+            if (begin - tb) * TIME_PRECISION < room:
+                lone = (begin - tb) * TIME_PRECISION    # a segment the cut falls into (or one past the whole members)
+            break
+        out += [begin + shift, *run, t + shift]
+        start, run = None, []
+    if cut:
+        lone = cut[0] if lone is None else min(lone, cut[0])
+    if lone is not None:
+        floor = out[-1] if out else tokens[-1]
+        out.append(min(last_ts, max(floor, tb + round((lone + offset) / TIME_PRECISION))))
+    if not out:
+        return None
+    shifted = [{**m, "offset_s": float(m["offset_s"]) + offset} for m in inside]
+    speech = sum(min(float(m["duration_s"]), room - float(m["offset_s"])) for m in inside)
+    return list(members) + shifted, list(tokens) + out, speech
+
+
 #: columns `read_labelled` needs (the pseudo-labeller writes these and more: SCHEMA in dwjax/data/label_store.py)
 REQUIRED_COLUMNS = ("id", "audio", "token_ids")
 _MANIFEST_SUFFIXES = (".jsonl", ".json", ".tsv", ".csv", ".txt")
@@ -280,15 +373,15 @@ class LabelEncoder:
 
     def encode(self, tokens: list[int], language: Optional[str], rng: np.random.Generator,
                plain: Optional[list[int]] = None, prev: Optional[list[int]] = None,
-               task: Optional[str] = None) -> tuple[list[int], int]:
+               task: Optional[str] = None, timestamped: bool = False) -> tuple[list[int], int]:
         """(the full sequence, cut to length + 1 tokens, and its prompt length). `plain`: the label's form without
         timestamps (None: drop its timestamp tokens); `prev`: the previous window's plain tokens (None: no
-        previous window); `task`: the row's task (None: the encoder's). The generator draws once for timestamps
-        (when the label has some), then once for the prompt (when there is a previous window and
-        prev_context_probability > 0)."""
+        previous window); `task`: the row's task (None: the encoder's); `timestamped`: keep the timestamps
+        whatever the draw (run-on rows). The generator draws once for timestamps (when the label has some), then
+        once for the prompt (when there is a previous window and prev_context_probability > 0)."""
         tb = self.tok.timestamp_begin
         has_ts = any(t >= tb for t in tokens)
-        use_ts = has_ts and rng.random() < self.p_ts
+        use_ts = has_ts and (rng.random() < self.p_ts or timestamped)
         if not use_ts:
             tokens = list(plain) if plain is not None and has_ts else [t for t in tokens if t < tb]
         lang = (language or "en") if self.tok.is_multilingual else None
@@ -400,7 +493,7 @@ class TrainBatches:
                                            np.random.default_rng([self.seed, step * self.B + self.offset + r, 2]),
                                            s.plain[i], (s.plain[p] if s.plain[p] is not None else
                                                         [t for t in s.tokens[p] if t < self.enc.tok.timestamp_begin])
-                                           if p >= 0 else None, s.task[i]))
+                                           if p >= 0 else None, s.task[i], s.run_on[i] is not None))
         length = bucket_length(max(len(seq) - 1 for seq, _ in encoded), self.enc.length, self.bucket)
         inp, lab, mask = self.enc.pad(encoded, length)
         out = {"decoder_input_ids": inp, "labels": lab, "loss_mask": mask,

@@ -42,7 +42,7 @@ from typing import Iterable, Optional, Sequence
 import numpy as np
 
 __all__ = ["DEFAULT_GAP_S", "DEFAULT_PACK_S", "MAX_WINDOW_S", "Utterance", "Member", "Window", "Packing", "pack",
-           "window_target_s", "window_id",
+           "window_target_s", "window_id", "keyed_uniform",
            "window_audio", "members_json", "members_from_json"]
 
 DEFAULT_GAP_S = 0.5
@@ -117,7 +117,7 @@ def _make_window(source: Optional[str], group: list[Utterance], gap_s: float) ->
                   _joined_reference([u.text for u in group]), tokens)
 
 
-def _uniform(seed: int, key: str, salt: str) -> float:
+def keyed_uniform(seed: int, key: str, salt: str) -> float:
     """A number in [0, 1) that depends only on (seed, key, salt)."""
     digest = hashlib.sha256(f"{seed}\0{salt}\0{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0 ** 64
@@ -126,8 +126,8 @@ def _uniform(seed: int, key: str, salt: str) -> float:
 def window_target_s(first_id: str, max_s: float, short_fraction: float, seed: int) -> float:
     """The length a window opened by `first_id` is filled to: max_s, or for a `short_fraction` of windows a
     length uniform in (0, max_s]."""
-    if short_fraction > 0 and _uniform(seed, first_id, "short") < short_fraction:
-        return max_s * (1.0 - _uniform(seed, first_id, "length"))
+    if short_fraction > 0 and keyed_uniform(seed, first_id, "short") < short_fraction:
+        return max_s * (1.0 - keyed_uniform(seed, first_id, "length"))
     return max_s
 
 
