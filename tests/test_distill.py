@@ -264,7 +264,7 @@ def test_smoke_loss_falls_outputs_written_student_loads(assets, tmp_path):
     # scores are dropped; 8 % is kept
     counts = {"total": 8, "ok": 7, "with_reference": 6, "without_reference": 1, "kept": 5, "unfiltered": 0,
               "dropped_status": 1, "dropped_wer": 1, "dropped_no_scores": 1, "dropped_avg_logprob": 0,
-              "dropped_compression_ratio": 0, "dropped_no_speech": 0, "dropped_long": 0}
+              "dropped_compression_ratio": 0, "dropped_no_speech": 0, "dropped_long": 0, "run_on": 0}
     summary = json.loads((out / "summary.json").read_text())
     assert summary["data"] == {"tiny": counts}
     assert summary["start_step"] == 0 and summary["end_step"] == steps
