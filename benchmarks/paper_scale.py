@@ -241,7 +241,7 @@ def main() -> None:
     ap.add_argument("--decoder-layers", type=int, default=2, help="the student's decoder layers (init-student)")
     ap.add_argument("--reuse", help="an earlier OUT of the same teacher and data flags: its data, labels and "
                                     "teacher evaluations are used, not made again")
-    ap.add_argument("--run-on", type=float, default=0.5,
+    ap.add_argument("--run-on", type=float, default=0.25,
                     help="data.run_on_fraction: packed windows that run on into the next one up to 30 s")
     ap.add_argument("--hours", type=float, default=0.2, help="hours of synthetic speech")
     ap.add_argument("--steps", type=int, default=1500)
