@@ -42,16 +42,17 @@ the loss. Per-clip rows have no previous window.
 Run-on windows (`data.run_on_fraction`, packed rows only). Packed windows hold whole utterances and end in
 silence, but in sequential long-form decoding every window but the last is 30 s of speech cut mid-utterance: a
 student that never saw speech past its windows' length (<= 24 s by default) or a cut utterance loops there
-(README: Known limits). So a fraction of the packed rows that have a next window W' (the row whose previous
+(README: Paper scale, run-on windows). So a fraction of the packed rows that have a next window W' (the row whose previous
 window they are) run on: the row's audio is W followed, after the gap between W's members (0.5 s for a
 one-member window), by W''s members cut at 30 s; its label is W's label, then W''s segments that end before the cut
 (their timestamps shifted by W''s offset, text tokens unchanged) and, when the cut falls inside speech, the start
 timestamp of the cut segment alone: Whisper's form for an utterance that continues in the next window (the
 sequential decoder seeks there). A W' segment counts as whole when its end timestamp is at most the cut member's
-start (the cut, when no member is cut). Run-on rows always train with timestamps (without them the cut words would have no label). Which
-rows run on is a function of (data.seed, the row's cache key), so the rows, and an encoder cache of them, are the
-same every epoch; a run-on row's cache key is `<key>><next window's id>`. A row runs on only when its label ends
-with a segment's end timestamp, at least 1 s of W' fits and the longer label stays within max_label_length.
+start (the cut, when no member is cut). Run-on rows always train with timestamps (without them the cut words
+would have no label). Which rows run on is a function of (data.seed, the row's cache key), so the rows, and an
+encoder cache of them, are the same every epoch; a run-on row's cache key is `<key>><next window's id>`. A row
+runs on only when its label ends with a segment's end timestamp, at least 1 s of W' fits and the longer label
+stays within max_label_length.
 
 Length. Each batch is padded to its longest sequence rounded up to a multiple of `data.label_bucket` (default 64;
 at most the run's label length, `label_length`), so a run compiles its step once per bucket it meets (<= 7 at 448
