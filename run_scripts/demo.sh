@@ -38,6 +38,8 @@ environment:
   HOURS       hours of synthesised speech (default 0.2)
   DECODER_LAYERS student decoder layers (default 3)
   STEPS       distillation steps (default 300)
+  RUN_ON      data.run_on_fraction: packed windows that run on into the next one up to 30 s (default 0; README,
+              "Long-form with the main job's student")
   BATCH       per-device batch of 30 s windows (default 8)
   REAL_EVAL   space-separated NAME=MANIFEST sets of real speech with references to score on (default: where
               ../shared/data/real exists beside the repository, all of dctts and a 10 % split of kathleen, neither
@@ -75,6 +77,7 @@ pack_short="${PACK_SHORT:-0.25}"
 eval_samples="${EVAL_SAMPLES:-100}"
 init_eval_samples="${INIT_EVAL_SAMPLES:-30}"
 batch="${BATCH:-8}"
+run_on="${RUN_ON:-0}"
 
 venv="${DWJAX_VENV:-$here/../.venv}"
 if ((setup)); then
@@ -122,7 +125,7 @@ dwjax distill model.teacher="$teacher" model.student="$out/student-init" \
   optim.total_steps="$steps" optim.warmup_steps=$((steps / 10)) optim.learning_rate=3e-4 \
   train.per_device_batch_size="$batch" train.log_every=10 eval.every=0 checkpoint.save_every=100 \
   train.encoder_cache="$out/encoder-cache" data.timestamp_probability=0.5 data.prev_context_probability=0.2 \
-  data.label_bucket=32 \
+  data.label_bucket=32 data.run_on_fraction="$run_on" \
   "optim.frozen=[embed_tokens, embed_positions]"
 
 sets=("synthetic=$out/data/test.jsonl" "${real_eval[@]}")
